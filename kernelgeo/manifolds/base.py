@@ -1,0 +1,337 @@
+r"""Base class of the kernel manifolds.
+
+A convolution weight :math:`W` has shape ``(out, in/groups, *kernel_size)``.  Every kernel
+manifold works on that tensor **in its own shape**, so a :class:`geoopt.ManifoldParameter`
+can replace ``conv.weight`` in place.  Internally each manifold views :math:`W` as a batch of
+``B`` *components* in a canonical layout (``to_batch``), e.g. ``(out, n)`` rows for spheres or
+``(G, n, p)`` matrices for Stiefel, and implements every operation once, batched, on that
+layout.  The optimizer's fast path concatenates the canonical layouts of many parameters that
+share a :meth:`KernelManifold.batch_key` and calls the same batched operations.
+
+The manifold of a whole layer is the product of its components; the metric is the sum of the
+components' metrics, distances combine as :math:`d(x,y)^2=\sum_k d_k(x_k,y_k)^2`.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import torch
+
+from .._compat import Manifold
+
+__all__ = ["KernelManifold", "KernelShapeError", "radius_for_shape"]
+
+
+class KernelShapeError(ValueError):
+    """A kernel tensor cannot hold the requested manifold (names shape and reason)."""
+
+
+def _fan_in(shape: Sequence[int]) -> int:
+    return int(math.prod(shape[1:]))
+
+
+def radius_for_shape(radius: float, scale: str | None, shape: Sequence[int]) -> float:
+    r"""Radius of a layer's kernel manifold.
+
+    Parameters
+    ----------
+    radius : float
+        Base radius :math:`r_0 > 0`.
+    scale : {None, "fan_in"}
+        ``None`` keeps :math:`r = r_0`; ``"fan_in"`` uses :math:`r = r_0\sqrt{n}` with
+        :math:`n` the fan-in of one filter, i.e. the norm of a filter whose entries have unit
+        variance (the scale of a Kaiming-initialised filter up to a constant).
+    shape : sequence of int
+        Kernel shape ``(out, in/groups, *kernel_size)``.
+
+    Returns
+    -------
+    float
+    """
+    if scale is None:
+        return float(radius)
+    if scale == "fan_in":
+        return float(radius) * math.sqrt(_fan_in(shape))
+    raise ValueError(f"unknown radius scale {scale!r}; use None or 'fan_in'")
+
+
+class KernelManifold(Manifold):
+    r"""Abstract kernel manifold working on conv weights of shape ``(out, in, *k)``.
+
+    Subclasses provide the canonical layout (:meth:`to_batch`, :meth:`from_batch`), the
+    batched primitives ``_b*`` on it, and the geometric facts.  All public geoopt methods
+    (``projx``, ``proju``, ``egrad2rgrad``, ``inner``, ``norm``, ``retr``, ``expmap``,
+    ``logmap``, ``dist``, ``transp``, ``retr_transp``, ``random``) are implemented here once
+    on top of those.
+
+    Parameters
+    ----------
+    radius : float
+        Radius :math:`r` of every component (default 1).  Under batch normalisation the radius
+        does not change the network's function (the following BN divides it out) but scales
+        the effective learning rate of the layer by :math:`1/r^2` in angle per step.
+    radius_scale : {None, "fan_in"}
+        Optionally multiply the radius by :math:`\sqrt{\text{fan-in}}` of the layer.
+    """
+
+    name = "kernel"
+    ndim = 1
+    reversible = False
+    #: smallest tensor rank accepted (a conv weight has at least 3 dims, a linear weight 2)
+    min_rank = 2
+
+    def __init__(self, radius: float = 1.0, radius_scale: str | None = None):
+        super().__init__()
+        if not (radius > 0 and math.isfinite(radius)):
+            raise ValueError(f"radius must be a positive finite number, got {radius!r}")
+        if radius_scale not in (None, "fan_in"):
+            raise ValueError(f"radius_scale must be None or 'fan_in', got {radius_scale!r}")
+        self.radius = float(radius)
+        self.radius_scale = radius_scale
+
+    # ------------------------------------------------------------------ layout
+    def radius_of(self, shape: Sequence[int]) -> float:
+        """Radius :math:`r` used for a kernel of this shape."""
+        return radius_for_shape(self.radius, self.radius_scale, shape)
+
+    def check_kernel_shape(self, shape: Sequence[int]) -> None:
+        """Raise :class:`KernelShapeError` if a kernel of ``shape`` cannot hold this manifold."""
+        if len(shape) < self.min_rank:
+            raise KernelShapeError(
+                f"{self.name} needs a weight with at least {self.min_rank} dims "
+                f"(out, in, *kernel_size); got shape {tuple(shape)}"
+            )
+
+    def point_shape(self, shape: Sequence[int]) -> tuple[int, ...]:
+        """Shape of one component in the canonical layout (without the batch dim)."""
+        return tuple(self.to_batch(torch.empty(tuple(shape), device="meta")).shape[1:])
+
+    def num_components(self, shape: Sequence[int]) -> int:
+        """Number ``B`` of component manifolds of a kernel of ``shape``."""
+        return int(self.to_batch(torch.empty(tuple(shape), device="meta")).shape[0])
+
+    def to_batch(self, x: torch.Tensor) -> torch.Tensor:  # pragma: no cover - abstract
+        """View ``x`` (``(out, in, *k)``) as ``(B, *point_shape)`` (a view when possible)."""
+        raise NotImplementedError
+
+    def from_batch(self, b: torch.Tensor, shape: Sequence[int]) -> torch.Tensor:
+        """Inverse of :meth:`to_batch`: ``(B, *point_shape)`` back to ``shape``."""
+        raise NotImplementedError  # pragma: no cover - abstract
+
+    def batch_key(self, shape: Sequence[int]) -> tuple:
+        """Hashable key: kernels with equal keys can be concatenated along the batch dim and
+        updated by one call of the batched primitives."""
+        return (type(self).__name__, self.point_shape(shape), self.radius_of(shape))
+
+    def blocks(self, shape: Sequence[int]) -> list[tuple[KernelManifold, tuple[slice, ...]]]:
+        """Sub-tensors of a kernel and the (non-product) manifold each lives on.
+
+        A plain manifold returns itself with the full index; a product returns one entry per
+        group (see :class:`~kernelgeo.manifolds.product.KernelProduct`).
+        """
+        return [(self, (slice(None),))]
+
+    # ------------------------------------------------------------ geometric facts
+    def dim(self, shape: Sequence[int]) -> int:
+        """Dimension of the manifold of a whole kernel of ``shape`` (sum over components)."""
+        return self.num_components(shape) * self.component_dim(shape)
+
+    def component_dim(self, shape: Sequence[int]) -> int:  # pragma: no cover - abstract
+        """Dimension of one component manifold."""
+        raise NotImplementedError
+
+    def curvature_bounds(self, shape: Sequence[int]) -> tuple[float, float]:
+        """Lower and upper bound of the sectional curvature of one component."""
+        raise NotImplementedError  # pragma: no cover - abstract
+
+    def injectivity_radius(self, shape: Sequence[int]) -> float:
+        """Injectivity radius of one component (``inf`` for flat factors)."""
+        raise NotImplementedError  # pragma: no cover - abstract
+
+    def diameter(self, shape: Sequence[int]) -> float:
+        """Diameter (largest geodesic distance) of one component (``inf`` if unbounded)."""
+        raise NotImplementedError  # pragma: no cover - abstract
+
+    def describe(self, shape: Sequence[int]) -> str:
+        """One-line description for reports, e.g. ``"64 x S^26(r=1)"``."""
+        return f"{self.num_components(shape)} x {self.name}{self.point_shape(shape)}"
+
+    # ---------------------------------------------------------- batched primitives
+    # Every primitive takes canonical tensors of shape (B, *point_shape) and the radius r.
+    def _bprojx(self, x, r):  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def _bproju(self, x, u, r):  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def _bretr(self, x, u, r):  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def _bexpmap(self, x, u, r):
+        return self._bretr(x, u, r)
+
+    def _blogmap(self, x, y, r):
+        raise NotImplementedError(f"{self.name} has no closed-form logarithm")
+
+    def _bdist(self, x, y, r):
+        """Per-component geodesic distance, shape ``(B,)``."""
+        raise NotImplementedError(f"{self.name} has no closed-form geodesic distance")
+
+    def _btransp(self, x, y, v, r):
+        # vector transport by projection onto the target tangent space (Absil et al. 8.1.3)
+        return self._bproju(y, v, r)
+
+    def _binner(self, x, u, v):
+        """Per-component inner product (embedded metric), shape ``(B,)``."""
+        return (u * v).flatten(1).sum(1)
+
+    def _bconstraint_error(self, x, r):
+        """Per-component distance of ``x`` from the constraint set, shape ``(B,)``."""
+        return (x - self._bprojx(x, r)).flatten(1).norm(dim=1)
+
+    def _btangent_error(self, x, u, r):
+        """Per-component norm of the normal part of ``u``, shape ``(B,)``."""
+        return (u - self._bproju(x, u, r)).flatten(1).norm(dim=1)
+
+    def _brandom(self, shape_b, r, *, dtype, device, generator=None):
+        g = torch.randn(shape_b, dtype=dtype, device=device, generator=generator)
+        return self._bprojx(g, r)
+
+    # ------------------------------------------------------------- geoopt contract
+    def _lift(self, op, x, *others):
+        shape = x.shape
+        r = self.radius_of(shape)
+        out = op(self.to_batch(x), *(self.to_batch(o) for o in others), r)
+        return self.from_batch(out, shape)
+
+    def _check_shape(self, shape, name):
+        try:
+            self.check_kernel_shape(tuple(shape))
+        except KernelShapeError as err:
+            return False, f"`{name}`: {err}"
+        return True, None
+
+    def _check_point_on_manifold(self, x, *, atol=1e-5, rtol=1e-5):
+        err = self.constraint_error(x)
+        tol = atol + rtol * self.radius_of(x.shape)
+        if err > tol:
+            return False, f"constraint error {err:.3g} > {tol:.3g}"
+        return True, None
+
+    def _check_vector_on_tangent(self, x, u, *, atol=1e-5, rtol=1e-5):
+        r = self.radius_of(x.shape)
+        err = float(self._btangent_error(self.to_batch(x), self.to_batch(u), r).max())
+        tol = atol + rtol * float(u.detach().abs().max().clamp_min(1.0))
+        if err > tol:
+            return False, f"normal component {err:.3g} > {tol:.3g}"
+        return True, None
+
+    def constraint_error(self, x: torch.Tensor) -> float:
+        """Largest per-component distance of ``x`` from the manifold (0 on the manifold)."""
+        with torch.no_grad():
+            e = self._bconstraint_error(self.to_batch(x.detach()), self.radius_of(x.shape))
+        return float(e.max()) if e.numel() else 0.0
+
+    def projx(self, x: torch.Tensor) -> torch.Tensor:
+        """Metric projection of ``x`` (any shape the manifold accepts) onto the manifold."""
+        shape = x.shape
+        return self.from_batch(self._bprojx(self.to_batch(x), self.radius_of(shape)), shape)
+
+    def proju(self, x: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
+        """Orthogonal projection of ``u`` onto the tangent space :math:`T_x\\mathcal{M}`."""
+        return self._lift(self._bproju, x, u)
+
+    egrad2rgrad = proju
+
+    def inner(self, x: torch.Tensor, u: torch.Tensor, v: torch.Tensor | None = None, *,
+              keepdim: bool = False) -> torch.Tensor:
+        """Riemannian (embedded) inner product :math:`\\langle u, v\\rangle_x`, a scalar."""
+        if v is None:
+            v = u
+        val = (u * v).sum()
+        return val.reshape((1,) * x.dim()) if keepdim else val
+
+    def component_inner(self, x, u, v=None):
+        if v is None:
+            v = u
+        return u * v
+
+    def norm(self, x: torch.Tensor, u: torch.Tensor, *, keepdim: bool = False) -> torch.Tensor:
+        return self.inner(x, u, keepdim=keepdim).clamp_min(0).sqrt()
+
+    def component_norm(self, x: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
+        """Per-component Riemannian norms of a tangent vector, shape ``(B,)``."""
+        ub = self.to_batch(u)
+        return self._binner(self.to_batch(x), ub, ub).clamp_min(0).sqrt()
+
+    def retr(self, x: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
+        """Retraction :math:`R_x(u)` (stays on the manifold)."""
+        return self._lift(self._bretr, x, u)
+
+    def expmap(self, x: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
+        """Exponential map :math:`\\mathrm{Exp}_x(u)`."""
+        return self._lift(self._bexpmap, x, u)
+
+    def logmap(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """Logarithm :math:`\\mathrm{Log}_x(y)`, defined below the injectivity radius."""
+        return self._lift(self._blogmap, x, y)
+
+    def component_dist(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """Per-component geodesic distances, shape ``(B,)``."""
+        return self._bdist(self.to_batch(x), self.to_batch(y), self.radius_of(x.shape))
+
+    def dist(self, x: torch.Tensor, y: torch.Tensor, *, keepdim: bool = False) -> torch.Tensor:
+        """Geodesic distance of the product: :math:`\\sqrt{\\sum_k d_k^2}`."""
+        d = self.component_dist(x, y).pow(2).sum().sqrt()
+        return d.reshape((1,) * x.dim()) if keepdim else d
+
+    def dist2(self, x, y, *, keepdim=False):
+        d = self.component_dist(x, y).pow(2).sum()
+        return d.reshape((1,) * x.dim()) if keepdim else d
+
+    def transp(self, x: torch.Tensor, y: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        """Vector transport of ``v`` from :math:`T_x` to :math:`T_y` (by projection)."""
+        shape = x.shape
+        r = self.radius_of(shape)
+        tb = self.to_batch
+        return self.from_batch(self._btransp(tb(x), tb(y), tb(v), r), shape)
+
+    def retr_transp(self, x, u, v):
+        y = self.retr(x, u)
+        return y, self.transp(x, y, v)
+
+    def expmap_transp(self, x, u, v):
+        y = self.expmap(x, u)
+        return y, self.transp(x, y, v)
+
+    def transp_follow_retr(self, x, u, v):
+        return self.retr_transp(x, u, v)[1]
+
+    def transp_follow_expmap(self, x, u, v):
+        return self.expmap_transp(x, u, v)[1]
+
+    def random(self, *size, dtype=None, device=None, generator=None) -> torch.Tensor:
+        """Random point (uniform for spheres and Stiefel) of shape ``size``."""
+        if len(size) == 1 and isinstance(size[0], (tuple, list, torch.Size)):
+            size = tuple(size[0])
+        self.check_kernel_shape(size)
+        dtype = dtype or torch.get_default_dtype()
+        meta = self.to_batch(torch.empty(size, device="meta"))
+        b = self._brandom(tuple(meta.shape), self.radius_of(size), dtype=dtype, device=device,
+                          generator=generator)
+        return self.from_batch(b, size)
+
+    random_uniform = random
+
+    def random_tangent(self, x: torch.Tensor, generator=None) -> torch.Tensor:
+        """Gaussian vector projected onto :math:`T_x\\mathcal{M}`."""
+        g = torch.randn(x.shape, dtype=x.dtype, device=x.device, generator=generator)
+        return self.proju(x, g)
+
+    def extra_repr(self) -> str:
+        s = f"radius={self.radius}"
+        if self.radius_scale:
+            s += f", radius_scale={self.radius_scale!r}"
+        return s
