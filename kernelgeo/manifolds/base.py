@@ -231,7 +231,9 @@ class KernelManifold(Manifold):
     def constraint_error(self, x: torch.Tensor) -> float:
         """Largest per-component distance of ``x`` from the manifold (0 on the manifold)."""
         with torch.no_grad():
-            e = self._bconstraint_error(self.to_batch(x.detach()), self.radius_of(x.shape))
+            # measured in float64 so that the check reports the point's error, not its own
+            xb = self.to_batch(x.detach()).to(torch.float64)
+            e = self._bconstraint_error(xb, self.radius_of(x.shape))
         return float(e.max()) if e.numel() else 0.0
 
     def projx(self, x: torch.Tensor) -> torch.Tensor:
