@@ -26,10 +26,10 @@ demo: $(STAMP)
 	$(VENV)/bin/kernelgeo demo
 
 test: $(STAMP)
-	$(PY) -m pytest -q -n 2 --dist loadfile
+	OMP_NUM_THREADS=1 $(PY) -m pytest -q -n 2 --dist loadfile
 
 test-fast: $(STAMP)
-	$(PY) -m pytest -q -x -m "not slow"
+	OMP_NUM_THREADS=1 $(PY) -m pytest -q -x -m "not slow"
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check kernelgeo tests bench analysis

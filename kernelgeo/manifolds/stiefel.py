@@ -242,9 +242,11 @@ class Stiefel(KernelManifold):
         return r * z
 
     def _bconstraint_error(self, x, r):
-        # exact Frobenius distance to the nearest point r*polar(X): r * ||sigma(X/r) - 1||
-        sv = torch.linalg.svdvals(x.double() / r)
-        return (sv - 1.0).norm(dim=-1) * r
+        # ||Y^T Y - I||_F / 2 equals the Frobenius distance to the nearest point r*polar(X),
+        # r ||sigma - 1||, to first order; a Gram matrix is far cheaper than an SVD
+        y = x / r
+        eye = torch.eye(x.shape[-1], dtype=x.dtype, device=x.device)
+        return torch.linalg.matrix_norm(y.transpose(-1, -2) @ y - eye) * (0.5 * r)
 
     def _brandom(self, shape_b, r, *, dtype, device, generator=None):
         g = torch.randn(shape_b, dtype=dtype, device=device, generator=generator)
