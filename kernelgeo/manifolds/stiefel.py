@@ -113,12 +113,17 @@ class Stiefel(KernelManifold):
     * dimension :math:`np - p(p+1)/2`;
     * sectional curvature (Gauss equation with second fundamental form
       :math:`\mathrm{II}(U,V) = -Y\,\mathrm{sym}(U^\top V)`):
-      :math:`K = \big(\|UV^\top\|^2 - \|\mathrm{sym}(U^\top V)\|^2\big)` for orthonormal
-      :math:`U, V`, hence :math:`-1\le K\le 1` by Cauchy–Schwarz; :math:`p=1` is the unit
-      sphere (:math:`K=1`), :math:`n=p` is :math:`O(p)` with a bi-invariant metric
-      (:math:`0\le K = \tfrac14\|[A,C]\|^2\le \tfrac12` by Böttcher–Wenzel);
-    * injectivity radius: :math:`\pi` for :math:`p<n` (Zimmermann & Stoye 2024 for the
-      Euclidean metric), :math:`\pi\sqrt2` for :math:`O(p)`, :math:`p\ge 3`;
+      :math:`K = \|UV^\top\|^2 - \|\mathrm{sym}(U^\top V)\|^2` for orthonormal
+      :math:`U, V`; the known range for :math:`n>p\ge 2` is :math:`-\tfrac12\le K\le 1`
+      (as cited by Zimmermann & Stoye 2024; Cauchy–Schwarz alone gives :math:`[-1, 1]`, and
+      :math:`-\tfrac12` is attained by :math:`U=[a, 0], V=[0, a]` with :math:`a\perp Y`);
+      :math:`p=1` is the unit sphere (:math:`K=1`), :math:`n=p` is :math:`O(p)` with a
+      bi-invariant metric (:math:`0\le K = \tfrac14\|[A,C]\|^2\le \tfrac12` by
+      Böttcher–Wenzel);
+    * injectivity radius: :math:`\pi` for :math:`p<n` (Zimmermann & Stoye 2024, "The
+      injectivity radius of the compact Stiefel manifold under the Euclidean metric");
+      :math:`\pi\sqrt2` for :math:`O(p)`, :math:`p\ge 3` (our value: :math:`K\le\tfrac12`
+      and shortest geodesic loops of length :math:`2\pi\sqrt2`, by Klingenberg's lemma);
     * diameter :math:`\pi\sqrt p` for :math:`p<n` (upper bound: rotate by
       :math:`e^{t\Omega}` with :math:`\|\Omega\|_2\le\pi`; attained by :math:`Y` and
       :math:`-Y`, whose columns are antipodal).  For :math:`n=p` this is an upper bound.
@@ -200,7 +205,7 @@ class Stiefel(KernelManifold):
             return (1.0 / r2, 1.0 / r2)
         if n == p:
             return (0.0, 0.5 / r2)
-        return (-1.0 / r2, 1.0 / r2)
+        return (-0.5 / r2, 1.0 / r2)
 
     def injectivity_radius(self, shape):
         _, n, p = self._np(shape)
