@@ -1,0 +1,199 @@
+"""Small Sphinx extension of the kernelgeo docs: include Markdown result files.
+
+``.. markdown-include:: ../bench/RESULTS.md`` converts a Markdown file (the subset the
+benchmark and comparison scripts write: ATX headings, paragraphs, bullet lists, pipe tables,
+fenced code, inline code, bold, italics and links) to reStructuredText and parses it in place.
+A missing file gives a short note instead of an error, so the docs build before any result
+exists.  No Markdown parser is needed (the docs must build offline with the packages in
+``setup.cfg``'s ``docs`` extra).
+
+Every other character is escaped, so arbitrary text in a result file cannot produce reST
+markup errors (which ``-W`` would turn into a failed build).
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+from docutils import nodes
+from docutils.parsers.rst import Directive, directives
+from docutils.statemachine import StringList
+from sphinx.util.nodes import nested_parse_with_titles
+
+__all__ = ["md_to_rst", "inline_md_to_rst", "setup"]
+
+_SPECIAL = re.compile(r"([\\`*_|<>\[\]])")
+_INLINE = re.compile(
+    r"(?P<code>`+)(?P<codebody>.+?)(?P=code)"
+    r"|\*\*(?P<bold>[^*]+?)\*\*"
+    r"|(?<![\w*])\*(?P<ital>[^*\s][^*]*?)\*(?![\w*])"
+    r"|(?<!\w)_(?P<ital2>[^_\s][^_]*?)_(?!\w)"
+    r"|\[(?P<ltext>[^\]]+)\]\((?P<lurl>[^)\s]+)\)"
+)
+_HEADING_CHARS = "=-~^\"'"
+
+
+def _escape(text: str) -> str:
+    return _SPECIAL.sub(r"\\\1", text)
+
+
+def inline_md_to_rst(text: str) -> str:
+    """Convert one line of Markdown inline markup to reST; everything else is escaped."""
+    out, pos = [], 0
+    for m in _INLINE.finditer(text):
+        out.append(_escape(text[pos:m.start()]))
+        if m.group("code"):
+            body = m.group("codebody").strip()
+            out.append(f":code:`{_escape(body)}`" if body else "")
+        elif m.group("bold"):
+            out.append(f"**{_escape(m.group('bold').strip())}**")
+        elif m.group("ital") or m.group("ital2"):
+            out.append(f"*{_escape((m.group('ital') or m.group('ital2')).strip())}*")
+        else:
+            label = _escape(m.group("ltext")).replace("`", "")
+            url = m.group("lurl")
+            if re.match(r"^[a-z]+://", url):
+                out.append(f"`{label} <{url}>`__")
+            else:  # relative links point into the repository, not the site
+                out.append(f"{label} (:code:`{_escape(url)}`)")
+        pos = m.end()
+    out.append(_escape(text[pos:]))
+    # reST inline markup must be delimited by whitespace or punctuation: pad where the
+    # Markdown relied on word characters touching the markup
+    s = "".join(out)
+    s = re.sub(r"(\w)(:code:`|\*\*?(?=\S))", r"\1\\ \2", s)
+    return s
+
+
+def _split_row(line: str) -> list[str]:
+    s = line.strip()
+    if s.startswith("|"):
+        s = s[1:]
+    if s.endswith("|") and not s.endswith("\\|"):
+        s = s[:-1]
+    cells, cur, i = [], [], 0
+    while i < len(s):
+        if s[i] == "\\" and i + 1 < len(s) and s[i + 1] == "|":
+            cur.append("|")
+            i += 2
+            continue
+        if s[i] == "|":
+            cells.append("".join(cur).strip())
+            cur = []
+        else:
+            cur.append(s[i])
+        i += 1
+    cells.append("".join(cur).strip())
+    return cells
+
+
+def _is_sep(line: str) -> bool:
+    return bool(re.fullmatch(r"\s*\|?\s*:?-{1,}:?\s*(\|\s*:?-{1,}:?\s*)*\|?\s*", line))
+
+
+def _table(lines: list[str]) -> list[str]:
+    header = _split_row(lines[0])
+    rows = [_split_row(r) for r in lines[2:]]
+    ncol = len(header)
+    out = [".. list-table::", "   :header-rows: 1", ""]
+    for row in [header] + rows:
+        row = (row + [""] * ncol)[:ncol]
+        for j, cell in enumerate(row):
+            txt = inline_md_to_rst(cell) or r"\ "
+            out.append(("   * - " if j == 0 else "     - ") + txt)
+    out.append("")
+    return out
+
+
+def md_to_rst(md: str, *, top_level: int = 1) -> str:
+    """Convert Markdown text to reST.
+
+    Parameters
+    ----------
+    md : str
+        Markdown source.
+    top_level : int
+        reST section level that a Markdown ``#`` heading maps to (1 = the page's
+        sub-sections, underlined with ``-``); deeper Markdown levels map below it.
+    """
+    lines = md.replace("\r\n", "\n").split("\n")
+    out: list[str] = []
+    i = 0
+    while i < len(lines):
+        line = lines[i]
+        fence = re.match(r"^\s*(```|~~~)\s*([\w+-]*)", line)
+        if fence:
+            lang = fence.group(2) or "text"
+            body = []
+            i += 1
+            while i < len(lines) and not lines[i].strip().startswith(fence.group(1)):
+                body.append(lines[i])
+                i += 1
+            i += 1
+            out += [f".. code-block:: {lang}", ""] + ["   " + b for b in body] + [""]
+            continue
+        h = re.match(r"^(#{1,6})\s+(.*?)\s*#*\s*$", line)
+        if h:
+            level = min(len(h.group(1)) - 1 + top_level, len(_HEADING_CHARS) - 1)
+            title = inline_md_to_rst(h.group(2)) or r"\ "
+            out += ["", title, _HEADING_CHARS[level] * max(len(title), 4), ""]
+            i += 1
+            continue
+        if "|" in line and i + 1 < len(lines) and _is_sep(lines[i + 1]):
+            block = [line, lines[i + 1]]
+            i += 2
+            while i < len(lines) and "|" in lines[i] and lines[i].strip():
+                block.append(lines[i])
+                i += 1
+            out += [""] + _table(block)
+            continue
+        b = re.match(r"^(\s*)[-*+]\s+(.*)$", line)
+        if b and not re.fullmatch(r"\s*([-*_])(\s*\1){2,}\s*", line):
+            indent = "  " * (len(b.group(1)) // 2)
+            if out and out[-1].strip() and not re.match(r"^\s*- ", out[-1]):
+                out.append("")
+            out.append(f"{indent}- {inline_md_to_rst(b.group(2))}")
+            i += 1
+            continue
+        if re.fullmatch(r"\s*([-*_])(\s*\1){2,}\s*", line):  # horizontal rule
+            out += ["", ""]
+            i += 1
+            continue
+        if not line.strip():
+            out.append("")
+        else:
+            if out and re.match(r"^\s*- ", out[-1]) and not line.startswith(" "):
+                out.append("")
+            prefix = "  " if out and re.match(r"^\s*- ", out[-1]) and line.startswith(" ") else ""
+            out.append(prefix + inline_md_to_rst(line.strip()))
+        i += 1
+    return "\n".join(out) + "\n"
+
+
+class MarkdownInclude(Directive):
+    """``.. markdown-include:: path`` (relative to the current document)."""
+
+    required_arguments = 1
+    option_spec = {"top-level": directives.positive_int, "missing": directives.unchanged}
+
+    def run(self):
+        env = self.state.document.settings.env
+        rel, path = env.relfn2path(self.arguments[0])
+        path = Path(path)
+        if not path.is_file():
+            msg = self.options.get("missing") or f"{self.arguments[0]} has not been generated yet."
+            return [nodes.note("", nodes.paragraph(text=msg))]
+        env.note_dependency(rel)
+        rst = md_to_rst(path.read_text(encoding="utf-8"),
+                        top_level=self.options.get("top-level", 1))
+        node = nodes.section()
+        node.document = self.state.document
+        nested_parse_with_titles(self.state, StringList(rst.split("\n"), source=str(path)),
+                                 node)
+        return node.children
+
+
+def setup(app):
+    app.add_directive("markdown-include", MarkdownInclude)
+    return {"version": "1", "parallel_read_safe": True, "parallel_write_safe": True}

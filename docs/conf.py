@@ -1,0 +1,114 @@
+"""Sphinx configuration of the kernelgeo documentation.
+
+Build: ``python -m sphinx -W --keep-going -b html docs docs/_build/html`` (``make docs``).
+
+Offline by design: CI reaches PyPI only, so nothing here may need the network to build.
+
+* intersphinx (links to torch, geoopt, numpy, scipy) is configured but only switched on with
+  ``KERNELGEO_DOCS_INTERSPHINX=1``, because fetching the inventories fails without internet
+  and ``-W`` would turn that into an error.  Without it, type names such as
+  ``torch.Tensor`` render as plain (unlinked) code.
+* MathJax is loaded by the reader's browser from its CDN (the build does not fetch it).  To
+  view the pages offline set ``KERNELGEO_DOCS_MATHJAX`` to a local copy, e.g.
+  ``file:///usr/share/nodejs/mathjax-full/es5/tex-mml-chtml.js`` (Debian's
+  ``node-mathjax-full``), before building.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+DOCS = Path(__file__).resolve().parent
+ROOT = DOCS.parent
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(DOCS / "_ext"))
+
+import kernelgeo  # noqa: E402
+
+project = "kernelgeo"
+author = "kernelgeo developers"
+copyright = "2025, kernelgeo developers"
+release = kernelgeo.__version__
+version = release
+
+extensions = [
+    "sphinx.ext.autodoc",
+    "sphinx.ext.autosummary",
+    "sphinx.ext.mathjax",
+    "sphinx.ext.viewcode",
+    "sphinx.ext.intersphinx",
+    "numpydoc",
+    "matplotlib.sphinxext.plot_directive",
+    "kgdocs",
+]
+
+templates_path = []
+exclude_patterns = ["_build", "Thumbs.db", ".DS_Store", "screenshots"]
+root_doc = "index"
+default_role = "py:obj"  # `name` links to a Python object when it can
+
+# --------------------------------------------------------------------------- HTML / theme
+html_theme = "furo"
+html_title = f"kernelgeo {release}"
+html_static_path = []
+html_theme_options = {"sidebar_hide_name": False}
+
+_mathjax = os.environ.get("KERNELGEO_DOCS_MATHJAX")
+if _mathjax:
+    mathjax_path = _mathjax
+mathjax3_config = {
+    "tex": {
+        "macros": {
+            "R": r"\mathbb{R}",
+            "St": r"\mathrm{St}",
+            "OB": r"\mathcal{OB}",
+            "Exp": r"\mathrm{Exp}",
+            "Log": r"\mathrm{Log}",
+            "sym": r"\mathrm{sym}",
+            "skew": r"\mathrm{skew}",
+            "tr": r"\operatorname{tr}",
+        }
+    }
+}
+
+# ----------------------------------------------------------------------- autodoc/numpydoc
+autodoc_default_options = {"members": True, "member-order": "bysource", "show-inheritance": True}
+autodoc_typehints = "none"  # numpydoc's Parameters sections carry the types
+autodoc_inherit_docstrings = False  # geoopt's docstrings use another style
+autosummary_generate = False  # tables only; the objects are documented by automodule
+numpydoc_show_class_members = False
+numpydoc_class_members_toctree = False
+numpydoc_xref_param_type = False
+numpydoc_validation_checks = set()
+
+# ------------------------------------------------------------------------------ intersphinx
+intersphinx_mapping = {
+    "python": ("https://docs.python.org/3", None),
+    "torch": ("https://docs.pytorch.org/docs/stable", None),
+    "geoopt": ("https://geoopt.readthedocs.io/en/latest", None),
+    "numpy": ("https://numpy.org/doc/stable", None),
+    "scipy": ("https://docs.scipy.org/doc/scipy", None),
+}
+if os.environ.get("KERNELGEO_DOCS_INTERSPHINX") != "1":
+    # no network in CI: keep the mapping documented above but fetch nothing
+    intersphinx_disabled_reftypes = ["*"]
+    intersphinx_mapping = {}
+
+# ------------------------------------------------------------------- executed tutorials
+plot_include_source = True
+plot_html_show_source_link = False
+plot_html_show_formats = False
+plot_formats = [("png", 90)]
+plot_rcparams = {"figure.figsize": (6.4, 3.6), "figure.dpi": 90}
+plot_pre_code = (
+    "import numpy as np\n"
+    "import torch\n"
+    "import matplotlib\n"
+    "matplotlib.use('Agg')\n"
+    "from matplotlib import pyplot as plt\n"
+    "torch.set_num_threads(1)\n"
+)
+# ``plot_working_directory`` is the repository root so tutorials can read bench/ files
+plot_working_directory = str(ROOT)
