@@ -1,0 +1,8 @@
+"""``python -m kernelgeo``, also the form torchrun launches (``torchrun ... -m kernelgeo``)."""
+
+import sys
+
+from .cli import main
+
+if __name__ == "__main__":
+    sys.exit(main())
