@@ -550,6 +550,115 @@ def _():
     _close(float(kcurv.sectional_curvature(Sphere(radius=r), _t(x), _t(u2), _t(v2))), 0.0)
 
 
+# --------------------------------------------------------------------------- optimization
+def _rule_consts(rule, manifold, shape, **kw):
+    from kernelgeo.optim.step_rules import rule_constants
+
+    return rule_constants(rule, manifold, shape, **kw)
+
+
+@check("rsgd-step")
+def _():
+    from kernelgeo.optim.step_rules import step_sizes
+
+    rnorm = torch.tensor([0.0, 0.3, 5.0, 80.0], dtype=torch.float64)
+    c = _rule_consts("none", Sphere(), (4, 9))
+    _close(_np(step_sizes(0.1, rnorm, c)), 0.1)
+    c = _rule_consts("gsgd", Sphere(), (4, 9))
+    gam = _np(rnorm) ** 2 * np.maximum((2 * c.rho + _np(rnorm)) ** 2,
+                                       1 + c.c_kappa * (c.rho + _np(rnorm)))
+    _close(_np(step_sizes(0.1, rnorm, c)), 0.1 / np.maximum(1.0, gam))
+    try:
+        from kernelgeo.optim import ConvergentRSGD
+    except ImportError:  # the optimizer is checked once it exists
+        return
+    from kernelgeo._compat import ManifoldParameter
+
+    rng = _rng(29)
+    m = Sphere()
+    x0 = _sphere_point(rng, 4, 9, 1.0)
+    g = rng.standard_normal(x0.shape)
+    p = ManifoldParameter(_t(x0), manifold=m)
+    opt = ConvergentRSGD([p], lr=0.1, step_rule="gsgd")
+    p.grad = _t(g)
+    opt.step()
+    d = g - (x0 * g).sum(1, keepdims=True) * x0
+    rn = np.linalg.norm(d, axis=1, keepdims=True)
+    c = _rule_consts("gsgd", m, (4, 9))
+    gam = rn**2 * np.maximum((2 * c.rho + rn) ** 2, 1 + c.c_kappa * (c.rho + rn))
+    step = -(0.1 / np.maximum(1.0, gam)) * d
+    _close(_np(p.detach()), (x0 + step) / np.linalg.norm(x0 + step, axis=1, keepdims=True), 1e-9)
+
+
+@check("gsgd-gamma")
+def _():
+    from kernelgeo.optim.step_rules import step_sizes
+
+    m = Stiefel()
+    shape = (3, 8)  # St(8, 3): kappa = -1/2
+    c = _rule_consts("gsgd", m, shape)
+    assert c.rho == pytest.approx(m.diameter(shape))
+    kappa = m.curvature_bounds(shape)[0]
+    zeta = math.sqrt(-kappa) * c.rho / math.tanh(math.sqrt(-kappa) * c.rho)
+    assert c.c_kappa == pytest.approx(zeta)
+    rn = np.array([1e-3, 0.05, 0.4, 2.0, 30.0])
+    gam = rn**2 * np.maximum((2 * c.rho + rn) ** 2, 1 + zeta * (c.rho + rn))
+    _close(_np(step_sizes(0.3, _t(rn), c)), 0.3 / np.maximum(1, gam))
+    c2 = _rule_consts("gsgd", m, shape, rho=0.5)
+    assert c2.rho == 0.5
+
+
+@check("zeta")
+def _():
+    from kernelgeo.optim.step_rules import zeta
+
+    for kappa, d in [(-0.5, 3.0), (-2.0, 0.1), (-1e-3, 5.0)]:
+        a = math.sqrt(-kappa) * d
+        assert zeta(kappa, d) == pytest.approx(a * math.cosh(a) / math.sinh(a))
+    assert zeta(0.0, 3.0) == 1.0 and zeta(1.0, 3.0) == 1.0
+
+
+@check("gsgd-step-bound")
+def _():
+    from kernelgeo.optim.step_rules import step_sizes
+
+    m = Sphere(radius=1.3)
+    c = _rule_consts("gsgd", m, (4, 9))
+    rn = torch.logspace(-4, 4, 200, dtype=torch.float64)
+    for lam in (0.01, 1.0, 10.0):
+        length = step_sizes(lam, rn, c) * rn
+        assert float(length.max()) <= lam / (2 * c.rho) * (1 + 1e-12)
+
+
+@check("bounded-gamma")
+def _():
+    from kernelgeo.optim.step_rules import step_sizes
+
+    for m, shape in [(Sphere(radius=0.8), (4, 9)), (Stiefel(), (4, 4, 3, 3))]:
+        c = _rule_consts("bounded", m, shape, max_step=0.5)
+        assert c.rho_max == pytest.approx(0.5 * m.injectivity_radius(shape))
+        rn = torch.logspace(-3, 3, 50, dtype=torch.float64)
+        for lam in (0.01, 1.0, 100.0):
+            length = _np(step_sizes(lam, rn, c) * rn)
+            _close(length, np.minimum(lam * _np(rn), c.rho_max))
+            assert length.max() < m.injectivity_radius(shape)
+
+
+@check("robbins-monro")
+def _():
+    from kernelgeo.optim.schedules import RobbinsMonroLR
+
+    opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=0.4)
+    s = RobbinsMonroLR(opt, t0=7.0, power=0.75)
+    for t in range(30):
+        assert opt.param_groups[0]["lr"] == pytest.approx(0.4 / (1 + t / 7.0) ** 0.75)
+        assert s.factor(t) == pytest.approx((1 + t / 7.0) ** -0.75)
+        opt.step()
+        s.step()
+    with pytest.raises(ValueError):
+        RobbinsMonroLR(opt, power=0.5)
+
+
 # ================================================================ label <-> check linkage
 _LABEL = re.compile(r"^\s*:label:\s*(\S+)\s*$")
 
