@@ -36,12 +36,14 @@ three keys with prefix ``test_``.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import gzip
 import os
 import shutil
 import struct
 import subprocess
+import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -57,6 +59,17 @@ __all__ = [
 ]
 
 _REPO_ROOT = Path(__file__).resolve().parent.parent
+#: torchvision 0.29 deprecates its image codecs in favour of torchcodec, warning on every call;
+#: they still work and torchcodec is not a dependency, so that one message is silenced
+_TV_IMAGE_DEPRECATION = r"The image decoding and encoding capabilities of TorchVision"
+
+
+@contextlib.contextmanager
+def _quiet_tv_image():
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=_TV_IMAGE_DEPRECATION,
+                                category=DeprecationWarning)
+        yield
 
 _DATASETS = {
     "digits": "scikit-learn handwritten digits, 8x8 grey, 10 classes (offline)",
@@ -289,8 +302,9 @@ def load_packed_jpeg(path: str | os.PathLike, *, splits=("train", "test"),
             datas = [buf[int(a):int(b)] for a, b in zip(off[:-1], off[1:])]
             # decode_jpeg on a list decodes in one call; chunks bound peak memory
             imgs = []
-            for i in range(0, len(datas), 4096):
-                imgs.extend(decode_jpeg(datas[i:i + 4096], mode=ImageReadMode.RGB))
+            with _quiet_tv_image():
+                for i in range(0, len(datas), 4096):
+                    imgs.extend(decode_jpeg(datas[i:i + 4096], mode=ImageReadMode.RGB))
             out[f"x_{s}"] = torch.stack(imgs).contiguous()
             out[f"y_{s}"] = labels
     return out
@@ -515,7 +529,8 @@ def _load_folder(spec: str, image_size: int | None) -> ImageData:
             for f in sorted((root / sub / c).glob("*")) if (root / sub / c).is_dir() else []:
                 if not f.is_file():
                     continue
-                img = decode_image(str(f), mode=ImageReadMode.RGB)
+                with _quiet_tv_image():
+                    img = decode_image(str(f), mode=ImageReadMode.RGB)
                 if image_size is not None and tuple(img.shape[1:]) != (image_size, image_size):
                     img = resize(img, [image_size, image_size], antialias=True)
                 xs.append(img)
