@@ -1,0 +1,469 @@
+r"""Batched parameter updates of :class:`~kernelgeo.optim.ConvergentRSGD` (the fast path).
+
+The optimizer's parameters are split once (and again only when the set of parameters with a
+gradient changes) into *chunks*:
+
+* **Euclidean** parameters of a group: one list, updated with ``torch._foreach_*`` ops exactly
+  like ``torch.optim.SGD(foreach=True)``;
+* **kernel** parameters: every block of every kernel (one block for a plain manifold, several for
+  a product) is viewed in a *chunk layout* in which each component is one row (spheres,
+  oblique) or one matrix (Stiefel).  Blocks with the same layout key are concatenated into one
+  chunk (``torch.cat`` of the gradients, one batched update, one ``torch._foreach_copy_`` back)
+  as long as the chunk stays below ``chunk_numel`` elements; a large block is its own chunk
+  (no copy: the update works in place on a view of the parameter) and a very large one is
+  split into row ranges so that the tensors of one chunk stay in the CPU caches while the
+  ~8 elementwise passes of the update run over it.
+
+Momentum buffers are kept in the optimizer state **in the parameter's own shape**, one per
+block (``state["momentum_blocks"]``); for multi-block chunks they are views into one flat
+storage of the chunk, so the batched update needs no copy and ``state_dict()`` stays the usual
+per-parameter mapping.  After ``load_state_dict`` the plan is rebuilt and the loaded buffers are
+copied into fresh chunk storage.
+
+Specialised kernels (closed forms that save memory passes, mathematically identical to the
+generic update of :mod:`kernelgeo.optim.rsgd`):
+
+sphere rows (:class:`~kernelgeo.manifolds.Sphere`, centred sphere, oblique)
+    :math:`u = G - \frac{\langle x,G\rangle}{r^2}x` (gradients centred first on the centred
+    sphere), exact retraction :math:`x' = r\,y/\|y\|` with :math:`y = x - g\,d`, transport by
+    projection in closed form, :math:`B' = B + \frac{c\,g\,\langle d, B\rangle}{r^2}\,x'`
+    with :math:`c = r/\|y\|` (uses :math:`\langle x, B\rangle = 0`).  Oblique columns are
+    updated in the kernel's own layout ``(out*in, k_h, k_w)``, reducing over ``k_h``.
+Stiefel, QR retraction
+    in the row layout :math:`X^\top` (``(G, p, n)``, a view of the kernel):
+    :math:`u = G - X\,\mathrm{sym}(X^\top G)/r^2` by one ``baddbmm``, and the QR retraction
+    computed as Cholesky-QR: :math:`M = X - g\,d`, :math:`M^\top M = r^2 LL^\top`,
+    :math:`\mathrm{qf}(M) = M L^{-\top}/r`, which equals the sign-corrected Householder ``qf``
+    of :mod:`kernelgeo.manifolds.stiefel` (the Cholesky factor is the unique positive-diagonal
+    R factor) and is well conditioned because :math:`M^\top M \succeq r^2 I` for a tangent step.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import torch
+
+from ..manifolds import Euclidean, KernelManifold, KernelProduct, Oblique, RowSphere, Stiefel
+from ..manifolds.oblique import _slice_matrix
+from .step_rules import RuleConstants, rule_constants, step_sizes
+
+__all__ = ["Member", "Chunk", "GroupPlan", "build_group_plan", "classify"]
+
+
+# ----------------------------------------------------------------------------- classification
+def _geoopt_euclidean(m) -> bool:
+    from .._compat import geoopt
+
+    return isinstance(m, (geoopt.Euclidean, Euclidean))
+
+
+def classify(p: torch.Tensor):
+    """``("euclid", None)``, ``("kernel", manifold)`` or ``("foreign", manifold)`` for ``p``.
+
+    Decided from the tensor object at plan-building time (outside any compiled region), so a
+    compiled step never has to ask ``isinstance(p, ManifoldParameter)``.
+    """
+    m = getattr(p, "manifold", None)
+    if m is None or _geoopt_euclidean(m):
+        return "euclid", None
+    if isinstance(m, KernelManifold):
+        return "kernel", m
+    return "foreign", m
+
+
+def _is_fast_sphere(m) -> bool:
+    # RowSphere subclasses whose only change is the layout (and optionally centring)
+    return isinstance(m, RowSphere) and type(m)._bproju is RowSphere._bproju and \
+        type(m)._bretr is RowSphere._bretr
+
+
+def _kind(m: KernelManifold) -> str:
+    if _is_fast_sphere(m):
+        return "sphere"
+    if isinstance(m, Stiefel) and m.retraction == "qr" and type(m)._bretr is Stiefel._bretr:
+        return "stiefel"
+    return "generic"
+
+
+class _Layout:
+    """How a (sub-)kernel of a given shape is viewed in a chunk, and back.
+
+    ``view(t)`` maps a tensor of the kernel's shape to the chunk layout (a view when ``t`` is
+    contiguous); ``flat_view(flat)`` does the same for a 1-D storage holding several
+    concatenated kernels; ``key`` says which kernels can share a chunk.
+    """
+
+    def __init__(self, kind: str, m: KernelManifold, shape: tuple[int, ...]):
+        self.kind, self.m, self.shape = kind, m, shape
+        self.r = m.radius_of(shape)
+        self.transpose = False
+        self.center = False
+        if kind == "sphere":
+            self.center = type(m)._center is not RowSphere._center
+            if isinstance(m, Oblique) and m.per == "column":
+                a, b = _slice_matrix(shape)
+                self.tail, self.dim = (a, b), -2  # reduce over the rows of each slice
+            else:
+                self.tail, self.dim = tuple(m.point_shape(shape)), -1
+        elif kind == "stiefel":
+            g, n, p = m._np(shape)
+            if m.per == "filter":
+                self.tail = (p, n)  # kernel.reshape(G, p, n) is X^T: the row layout
+            else:
+                a, b = _slice_matrix(shape)
+                self.tail = (a, b)
+                self.transpose = a >= b  # canonical is (a, b) = (n, p): transpose to rows
+            self.dim = None
+        else:
+            self.tail, self.dim = None, None
+        self.key = (kind, type(m).__name__, self.tail, self.dim, self.center, self.r,
+                    getattr(m, "retraction", None))
+
+    def view(self, t: torch.Tensor) -> torch.Tensor:
+        if self.kind == "generic":
+            return self.m.to_batch(t)
+        v = t.reshape((-1,) + self.tail)
+        return v.transpose(-1, -2) if self.transpose else v
+
+    def to_shape(self, b: torch.Tensor, shape) -> torch.Tensor:
+        if self.kind == "generic":
+            return self.m.from_batch(b, shape)
+        return (b.transpose(-1, -2) if self.transpose else b).reshape(shape)
+
+
+def _shares(a: torch.Tensor, b: torch.Tensor) -> bool:
+    return a.untyped_storage().data_ptr() == b.untyped_storage().data_ptr()
+
+
+# ------------------------------------------------------------------------------ plan objects
+@dataclass
+class Member:
+    """One block of one kernel parameter inside a chunk."""
+
+    param: torch.Tensor
+    index: int  # position in the group's params
+    block: int
+    bidx: tuple | None  # slices of the block in the parameter (None: whole tensor)
+    shape: tuple[int, ...]
+    rows: tuple[int, int] | None = None  # row range of a split block (chunk layout)
+    nrows: int = 0
+
+    def sub(self, t: torch.Tensor) -> torch.Tensor:
+        return t if self.bidx is None else t[self.bidx]
+
+
+@dataclass
+class Chunk:
+    """Kernel blocks with one layout, updated by one batched call."""
+
+    kind: str
+    layout: _Layout
+    consts: RuleConstants
+    members: list[Member]
+    inplace: bool  # single member whose chunk view is a view of the parameter
+    storage: torch.Tensor | None = None  # flat momentum storage of a multi-member chunk
+    buf: torch.Tensor | None = None  # momentum buffer in chunk layout (view)
+    fresh: torch.Tensor | bool | None = None  # rows whose momentum starts now
+    fresh_members: list = field(default_factory=list)
+    buf_param: torch.Tensor | None = None  # set when ``buf`` is a copy of the state tensor
+
+
+@dataclass
+class GroupPlan:
+    euclid: list[int]  # indices of Euclidean params in the group
+    chunks: list[Chunk]
+    foreign: list[int]
+
+
+def build_group_plan(group: dict, state, *, chunk_numel: int, max_step: float,
+                     has_grad: list[bool]) -> GroupPlan:
+    """Split a param group's parameters with a gradient into Euclidean and chunked kernels."""
+    euclid, foreign = [], []
+    by_key: dict[tuple, list[tuple[_Layout, Member]]] = {}
+    for i, p in enumerate(group["params"]):
+        if not has_grad[i]:
+            continue
+        kind, m = classify(p)
+        if kind == "euclid":
+            euclid.append(i)
+            continue
+        if kind == "foreign":
+            foreign.append(i)
+            continue
+        blocks = m.blocks(p.shape) if isinstance(m, KernelProduct) else [(m, None)]
+        for b, (bm, bidx) in enumerate(blocks):
+            bidx = None if bidx is None or len(blocks) == 1 else bidx
+            shape = tuple(p.shape) if bidx is None else KernelProduct._sub(p.shape, bidx)
+            lay = _Layout(_kind(bm), bm, shape)
+            key = (lay.key, p.dtype, p.device)
+            by_key.setdefault(key, []).append((lay, Member(p, i, b, bidx, shape)))
+    chunks = []
+    for (_, _, _), items in by_key.items():
+        small: list[tuple[_Layout, Member]] = []
+        for lay, mem in items:
+            psub = mem.sub(mem.param.detach())
+            v = lay.view(psub)
+            mem.nrows = v.shape[0]
+            is_view = _shares(v, psub) and lay.kind != "generic" or (
+                lay.kind == "generic" and _shares(v, psub))
+            numel = psub.numel()
+            if lay.kind == "generic" or not is_view or numel * 4 >= chunk_numel:
+                consts = rule_constants(group["step_rule"], lay.m, lay.shape,
+                                        rho=group["rho"], max_step=max_step)
+                per_row = max(1, numel // max(1, mem.nrows))
+                step = max(1, chunk_numel // per_row)
+                if lay.kind != "generic" and is_view and mem.nrows > step:
+                    for s in range(0, mem.nrows, step):
+                        sm = Member(mem.param, mem.index, mem.block, mem.bidx, mem.shape,
+                                    rows=(s, min(mem.nrows, s + step)))
+                        sm.nrows = sm.rows[1] - sm.rows[0]
+                        chunks.append(Chunk(lay.kind, lay, consts, [sm], True))
+                else:
+                    chunks.append(Chunk(lay.kind, lay, consts, [mem], is_view))
+            else:
+                small.append((lay, mem))
+        cur, size = [], 0
+        for lay, mem in small + [(None, None)]:
+            numel = 0 if mem is None else math.prod(mem.shape)
+            if cur and (mem is None or size + numel > chunk_numel):
+                lay0 = cur[0][0]
+                consts = rule_constants(group["step_rule"], lay0.m, lay0.shape,
+                                        rho=group["rho"], max_step=max_step)
+                chunks.append(Chunk(lay0.kind, lay0, consts, [mm for _, mm in cur],
+                                    len(cur) == 1))
+                cur, size = [], 0
+            if mem is not None:
+                cur.append((lay, mem))
+                size += numel
+    return GroupPlan(euclid, chunks, foreign)
+
+
+def attach_momentum(chunk: Chunk, state, new_bufs: dict) -> None:
+    """Bind the chunk's momentum buffer to the per-parameter state (creating zeros if new).
+
+    ``new_bufs`` maps ``(id(param), block)`` to buffers created during this plan build, so
+    that the row ranges of a split block share one buffer.
+    """
+    mems = chunk.members
+    lay = chunk.layout
+    if len(mems) == 1:
+        mem = mems[0]
+        st = state[mem.param]
+        blocks = st.get("momentum_blocks")
+        key = (id(mem.param), mem.block)
+        if blocks is None or blocks[mem.block] is None:
+            if key not in new_bufs:
+                new_bufs[key] = torch.zeros(mem.shape, dtype=mem.param.dtype,
+                                            device=mem.param.device)
+            buf = new_bufs[key]
+            chunk.fresh = True
+            chunk.fresh_members = [(mem, buf)]
+        else:
+            buf = blocks[mem.block]
+            if not buf.is_contiguous():
+                buf = buf.contiguous()
+                blocks[mem.block] = buf
+            chunk.fresh = None
+        v = lay.view(buf)
+        chunk.buf_param = buf if not _shares(v, buf) else None
+        chunk.buf = v if mem.rows is None else v[mem.rows[0]:mem.rows[1]]
+        return
+    total = sum(math.prod(m.shape) for m in mems)
+    p0 = mems[0].param
+    flat = torch.zeros(total, dtype=p0.dtype, device=p0.device)
+    fresh_rows, fresh_members, off = [], [], 0
+    for mem in mems:
+        n = math.prod(mem.shape)
+        dst = flat[off:off + n].view(mem.shape)
+        off += n
+        st = state[mem.param]
+        blocks = st.get("momentum_blocks")
+        if blocks is None or blocks[mem.block] is None:
+            fresh_members.append((mem, dst))
+            fresh_rows.append(torch.ones(mem.nrows, dtype=torch.bool))
+        else:
+            dst.copy_(blocks[mem.block])
+            blocks[mem.block] = dst
+            fresh_rows.append(torch.zeros(mem.nrows, dtype=torch.bool))
+    chunk.storage = flat
+    chunk.buf = lay.view(flat)
+    chunk.fresh_members = fresh_members
+    if not fresh_members:
+        chunk.fresh = None
+    elif len(fresh_members) == len(mems):
+        chunk.fresh = True
+    else:
+        chunk.fresh = torch.cat(fresh_rows).to(p0.device)
+
+
+def commit_fresh(chunk: Chunk, state, nblocks) -> None:
+    """After the first successful step of new buffers, publish them in the state."""
+    for mem, buf in chunk.fresh_members:
+        st = state[mem.param]
+        blocks = st.setdefault("momentum_blocks", [None] * nblocks(mem.param))
+        blocks[mem.block] = buf
+    chunk.fresh_members = []
+    chunk.fresh = None
+
+
+# --------------------------------------------------------------------------------- gathering
+def gather(chunk: Chunk, grads_of) -> tuple[torch.Tensor, torch.Tensor, bool]:
+    """Chunk-layout point ``X`` and gradient ``G``; whether ``X`` is the parameter itself."""
+    lay = chunk.layout
+    if len(chunk.members) == 1:
+        mem = chunk.members[0]
+        x = lay.view(mem.sub(mem.param.detach()))
+        g = lay.view(mem.sub(grads_of(mem.param)))
+        if mem.rows is not None:
+            x, g = x[mem.rows[0]:mem.rows[1]], g[mem.rows[0]:mem.rows[1]]
+        return x, g, chunk.inplace and lay.kind != "generic"
+    xs = [lay.view(m.sub(m.param.detach())) for m in chunk.members]
+    gs = [lay.view(m.sub(grads_of(m.param))) for m in chunk.members]
+    return torch.cat(xs), torch.cat(gs), False
+
+
+def scatter(chunk: Chunk, x: torch.Tensor) -> None:
+    """Write the chunk's new points back into the parameters (unless updated in place)."""
+    lay = chunk.layout
+    dst, src, off = [], [], 0
+    for mem in chunk.members:
+        xs = x[off:off + mem.nrows]
+        off += mem.nrows
+        psub = mem.sub(mem.param.detach())
+        v = lay.view(psub)
+        if _shares(v, psub) and mem.rows is None:
+            dst.append(v)
+            src.append(xs)
+        else:
+            psub.copy_(lay.to_shape(xs, mem.shape))
+    if dst:
+        torch._foreach_copy_(dst, src)
+
+
+# ---------------------------------------------------------------------------------- kernels
+def _dot(a: torch.Tensor, b: torch.Tensor, dim: int) -> torch.Tensor:
+    """Row-wise inner products, keepdim (einsum goes through bmm: one pass, no temporary)."""
+    if dim == -1:
+        return torch.einsum("...i,...i->...", a, b).unsqueeze(-1)
+    return torch.einsum("nab,nab->nb", a, b).unsqueeze(-2)
+
+
+def _sym(a):
+    return 0.5 * (a + a.transpose(-1, -2))
+
+
+@dataclass
+class Hyper:
+    lr: object  # float or per-row tensor (layer scaling)
+    momentum: float
+    dampening: float
+    nesterov: bool
+    wd: float  # applied to the manifold gradient (decay_manifold or flat factor)
+
+
+def _momentum(chunk: Chunk, u: torch.Tensor, h: Hyper) -> torch.Tensor:
+    """Update the chunk's buffer with the tangent vector ``u``; return the step direction."""
+    b = chunk.buf
+    if chunk.fresh is True:
+        b.copy_(u)
+    elif chunk.fresh is None:
+        b.mul_(h.momentum).add_(u, alpha=1.0 - h.dampening)
+    else:  # some rows start now: B = u there (torch's first-step rule), mu B + (1-d) u elsewhere
+        coef = torch.where(chunk.fresh, 1.0, 1.0 - h.dampening).to(u.dtype)
+        coef = coef.view((-1,) + (1,) * (u.dim() - 1))
+        b.mul_(h.momentum).addcmul_(u, coef)
+    return torch.add(u, b, alpha=h.momentum) if h.nesterov else b
+
+
+def sphere_prepare(chunk: Chunk, x, g):
+    lay = chunk.layout
+    if lay.center:
+        g = g - g.mean(-1 if lay.dim == -1 else -2, keepdim=True)
+    return g, _dot(x, g, lay.dim)
+
+
+def sphere_apply(chunk: Chunk, x, g, s, h: Hyper, stats: list | None):
+    lay = chunk.layout
+    r2 = lay.r * lay.r
+    a = s / r2
+    fast = h.momentum > 0 and chunk.fresh is None and h.dampening == 0 and not h.nesterov
+    if fast:  # B = mu B + G - a x: two passes, u never materialised
+        b = chunk.buf
+        torch.add(g, b, alpha=h.momentum, out=b)
+        b.addcmul_(x, a, value=-1.0)
+        d = b
+    else:
+        u = torch.addcmul(g, x, a, value=-1.0)
+        d = _momentum(chunk, u, h) if h.momentum > 0 else u
+    n2 = _dot(d, d, lay.dim)
+    rn = n2.clamp_min(0).sqrt()
+    step = step_sizes(h.lr, rn, chunk.consts)
+    if h.momentum > 0:
+        db = n2 if d is chunk.buf else _dot(d, chunk.buf, lay.dim)
+    x.addcmul_(d, step, value=-1.0)
+    c = lay.r / torch.linalg.vector_norm(x, dim=lay.dim, keepdim=True)
+    x.mul_(c)
+    if h.momentum > 0:
+        chunk.buf.addcmul_(x, c * step * db / r2)
+    if stats is not None:
+        stats.append((rn.flatten(), step.flatten(), chunk.consts))
+    return x
+
+
+def stiefel_prepare(chunk: Chunk, x, g):
+    # the chunk layout is already the row layout X^T (G, p, n)
+    return g, x @ g.transpose(-1, -2)  # X^T G, (G, p, p)
+
+
+def stiefel_apply(chunk: Chunk, x, gt, a, h: Hyper, stats: list | None):
+    """Row-layout Stiefel step; ``x`` is the chunk view, ``gt`` the row-layout gradient."""
+    lay = chunk.layout
+    r2 = lay.r * lay.r
+    xt, bt = x, chunk.buf
+    sm = _sym(a) / r2
+    fast = h.momentum > 0 and chunk.fresh is None and h.dampening == 0 and not h.nesterov
+    if fast:
+        torch.add(gt, bt, alpha=h.momentum, out=bt)
+        bt.baddbmm_(sm, xt, alpha=-1.0)
+        d = bt
+    else:
+        u = torch.baddbmm(gt, sm, xt, alpha=-1.0)
+        d = _momentum(chunk, u, h) if h.momentum > 0 else u
+    rn = d.square().sum((-1, -2)).clamp_min(0).sqrt()
+    step = step_sizes(h.lr, rn, chunk.consts)
+    m = xt - step.view(-1, 1, 1) * d
+    gram = (m @ m.transpose(-1, -2)) / r2
+    low = torch.linalg.cholesky_ex(gram)[0]
+    xn = torch.linalg.solve_triangular(low, m, upper=False)
+    if h.momentum > 0:
+        c = _sym(xn @ bt.transpose(-1, -2)) / r2
+        bt.baddbmm_(c, xn, alpha=-1.0)
+    xt.copy_(xn)
+    if stats is not None:
+        stats.append((rn, step, chunk.consts))
+    return x
+
+
+def generic_prepare(chunk: Chunk, x, g, h: Hyper):
+    m, r = chunk.layout.m, chunk.layout.r
+    if h.wd:
+        g = g + h.wd * x
+    u = m._bproju(x, g, r)
+    return u, u
+
+
+def generic_apply(chunk: Chunk, x, u, h: Hyper, stats: list | None):
+    m, r = chunk.layout.m, chunk.layout.r
+    d = _momentum(chunk, u, h) if h.momentum > 0 else u
+    rn = m._binner(x, d, d).clamp_min(0).sqrt()
+    step = step_sizes(h.lr, rn, chunk.consts)
+    xn = m._bretr(x, -step.view((-1,) + (1,) * (d.dim() - 1)) * d, r)
+    if h.momentum > 0:
+        chunk.buf.copy_(m._btransp(x, xn, chunk.buf, r))
+        if chunk.buf_param is not None:  # layout was a copy: publish into the state tensor
+            chunk.buf_param.copy_(chunk.layout.to_shape(chunk.buf, chunk.members[0].shape))
+    if stats is not None:
+        stats.append((rn, step, chunk.consts))
+    return xn

@@ -1,0 +1,521 @@
+r"""Convergent Riemannian SGD on products of kernel manifolds and Euclidean parameters.
+
+One optimizer for a whole network: constrained kernels (:class:`geoopt.ManifoldParameter` on a
+:class:`~kernelgeo.manifolds.KernelManifold`, products included) and plain parameters (BN,
+biases, FC) with the API of :class:`torch.optim.SGD`.
+
+The update of one component :math:`k` (row of a sphere, Stiefel block, ...) of a kernel at step
+:math:`t` with learning rate :math:`\lambda(t)` (the group's ``lr``, set by any LR scheduler):
+
+.. math::
+
+    u_k &= P_{x_k}(G_k) \qquad\text{(Riemannian gradient; } G \text{ = Euclidean gradient)}\\
+    B_k &\leftarrow u_k \ \text{(first step)},\quad
+        B_k \leftarrow \mu B_k + (1-\tau) u_k \ \text{(later)}\\
+    d_k &= u_k + \mu B_k\ \text{(Nesterov)},\quad d_k = B_k\ \text{(momentum)},\quad
+        d_k = u_k\ (\mu = 0)\\
+    g_k &= \lambda(t)\,m_\ell / \max(1, \Gamma_k(\|d_k\|))
+        \qquad\text{(step rule, } m_\ell \text{ optional layer scaling)}\\
+    x_k &\leftarrow R_{x_k}(-g_k d_k), \qquad B_k \leftarrow P_{x_k^{\text{new}}}(B_k)
+        \ \text{(transport by projection)}
+
+with :math:`\mu` = ``momentum``, :math:`\tau` = ``dampening`` (the same recursion as
+``torch.optim.SGD``, whose first step stores the gradient undamped).  The buffer is tangent from
+the very first step (geoopt stores the raw Euclidean gradient there) and is always stored
+transported, i.e. tangent at the current point.  Euclidean parameters follow
+``torch.optim.SGD`` exactly (weight decay included, no step rule: flat factors need none).
+See :mod:`kernelgeo.optim.step_rules` for :math:`\Gamma_k` and the assumptions of the
+convergence guarantee, :mod:`kernelgeo.optim.schedules` for :math:`\lambda(t)`,
+:mod:`kernelgeo.optim.scaling` for :math:`m_\ell` and :mod:`kernelgeo.optim.batched` for the
+fast path.
+"""
+
+from __future__ import annotations
+
+import warnings
+
+import torch
+
+from .._compat import RiemannianSGD
+from ..manifolds import KernelProduct, Stiefel
+from ..manifolds.stiefel import _qf
+from . import batched as bt
+from .schedules import check_robbins_monro
+from .step_rules import RULES, rule_constants, step_sizes
+
+__all__ = ["ConvergentRSGD", "NonFiniteGradientError"]
+
+
+class NonFiniteGradientError(FloatingPointError):
+    """A gradient holds NaN or Inf; the message names the parameters."""
+
+
+def _nblocks(p) -> int:
+    m = getattr(p, "manifold", None)
+    return len(m.blocks(p.shape)) if isinstance(m, KernelProduct) else 1
+
+
+class ConvergentRSGD(RiemannianSGD):
+    r"""Riemannian SGD with a convergent step-size rule, batched over kernel manifolds.
+
+    Parameters
+    ----------
+    params : iterable
+        Parameters, ``(name, parameter)`` pairs (``model.named_parameters()``: names appear in
+        errors) or param-group dicts.  Kernels are :class:`geoopt.ManifoldParameter` on a
+        :class:`~kernelgeo.manifolds.KernelManifold`; every other tensor is Euclidean.
+    lr : float
+        :math:`\lambda` (use an LR scheduler, e.g. :class:`~kernelgeo.optim.RobbinsMonroLR`, for
+        :math:`\lambda(t)`).
+    momentum, dampening, weight_decay, nesterov
+        As in :class:`torch.optim.SGD`.  Weight decay acts on Euclidean parameters (and
+        Euclidean blocks of products); on curved kernels only with ``decay_manifold=True``,
+        where it is a no-op for spheres, oblique and Stiefel manifolds: the tangent projection
+        of :math:`\lambda_{wd}x` is zero, since these manifolds are (products of) spheres and
+        orthonormal frames centred at the origin.
+    step_rule : {"gsgd", "bounded", "none"}
+        Rule of :mod:`~kernelgeo.optim.step_rules` (per group).
+    rho : float, optional
+        Distance bound :math:`\rho` for ``"gsgd"`` (default: each component's diameter).
+    max_step : float
+        Largest step as a fraction of the injectivity radius for ``"bounded"`` (0.5).
+    radius_scaling : kernelgeo.optim.scaling.StepScaling, optional
+        Layer-wise multipliers :math:`m_\ell` of the step of each kernel.
+    stabilize : int or None
+        Re-project every kernel (and its buffer) onto its manifold every ``stabilize`` steps
+        of the group (default 100; ``None`` never).  The retractions used are themselves
+        self-normalising, so this only removes slow float drift.
+    nonfinite : {"raise", "skip"}
+        On a NaN/Inf gradient raise :class:`NonFiniteGradientError` naming the parameters
+        (default), or skip the whole step (counted in :attr:`skipped_steps`).  Weights and
+        buffers are untouched either way.
+    decay_manifold : bool
+        Apply weight decay to curved kernels too (see above).
+    batched : bool
+        Fast path (default) or the per-parameter reference implementation.
+    log_stats : bool
+        Record :attr:`last_stats` (per group: ``lr``, max/mean :math:`R`, max :math:`\Gamma`,
+        min/mean :math:`g`, max step length and its ratio to the injectivity radius) as
+        tensors, without synchronising.
+    guarantee : bool
+        The user wants the convergence guarantee: warn (:class:`ScheduleWarning`) at the first
+        step unless a Robbins–Monro schedule was registered with :meth:`set_schedule` (a
+        :class:`RobbinsMonroLR` registers itself).
+    chunk_numel : int
+        Size of the batched chunks of the fast path (see :mod:`~kernelgeo.optim.batched`).
+
+    Notes
+    -----
+    State per parameter: ``momentum_buffer`` (Euclidean, as in ``torch.optim.SGD``) or
+    ``momentum_blocks`` (kernels: one tensor per block of the kernel's manifold, in the
+    block's own shape, tangent at the current point); groups count ``step``.
+
+    Examples
+    --------
+    >>> import torch, kernelgeo
+    >>> from kernelgeo.optim import ConvergentRSGD, RobbinsMonroLR
+    >>> net = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3), torch.nn.Flatten(),
+    ...                           torch.nn.LazyLinear(2))
+    >>> _ = net(torch.zeros(1, 3, 8, 8)); _ = kernelgeo.constrain(net, "sphere")
+    >>> opt = ConvergentRSGD(net.named_parameters(), lr=0.1, momentum=0.9)
+    >>> sched = RobbinsMonroLR(opt, t0=100, power=0.75)
+    >>> net(torch.randn(4, 3, 8, 8)).square().mean().backward(); opt.step(); sched.step()
+    """
+
+    def __init__(self, params, lr, momentum=0, dampening=0, weight_decay=0, nesterov=False, *,
+                 step_rule: str = "gsgd", rho: float | None = None, max_step: float = 0.5,
+                 radius_scaling=None, stabilize: int | None = 100, nonfinite: str = "raise",
+                 decay_manifold: bool = False, batched: bool = True, log_stats: bool = False,
+                 guarantee: bool = False, chunk_numel: int = 1 << 17):
+        if not lr >= 0.0:
+            raise ValueError(f"Invalid learning rate: {lr}")
+        if momentum < 0.0:
+            raise ValueError(f"Invalid momentum value: {momentum}")
+        if weight_decay < 0.0:
+            raise ValueError(f"Invalid weight_decay value: {weight_decay}")
+        if nesterov and (momentum <= 0 or dampening != 0):
+            raise ValueError("Nesterov momentum requires a momentum and zero dampening")
+        if step_rule not in RULES:
+            raise ValueError(f"unknown step_rule {step_rule!r}; use one of {RULES}")
+        if nonfinite not in ("raise", "skip"):
+            raise ValueError(f"nonfinite must be 'raise' or 'skip', got {nonfinite!r}")
+        if stabilize is not None and (int(stabilize) != stabilize or stabilize < 1):
+            raise ValueError(f"stabilize must be a positive int or None, got {stabilize!r}")
+        defaults = dict(lr=lr, momentum=momentum, dampening=dampening,
+                        weight_decay=weight_decay, nesterov=nesterov, step_rule=step_rule,
+                        rho=rho, max_step=max_step, decay_manifold=decay_manifold)
+        self.nonfinite = nonfinite
+        self.batched = batched
+        self.log_stats = log_stats
+        self.guarantee = guarantee
+        self.chunk_numel = int(chunk_numel)
+        self.radius_scaling = radius_scaling
+        self.skipped_steps = 0
+        self.last_stats: list[dict] = []
+        self._plan = None
+        self._plan_sig = None
+        self._schedule_ok = None
+        self._warned_foreign = False
+        # skip RiemannianSGD.__init__ (fixed defaults); OptimMixin -> Optimizer
+        super(RiemannianSGD, self).__init__(params, defaults, stabilize=stabilize)
+
+    # ----------------------------------------------------------------- bookkeeping
+    def add_param_group(self, param_group: dict):
+        rule = param_group.get("step_rule", self.defaults["step_rule"])
+        if rule not in RULES:
+            raise ValueError(f"unknown step_rule {rule!r}; use one of {RULES}")
+        super().add_param_group(param_group)
+        self._plan = None
+
+    def load_state_dict(self, state_dict):
+        super().load_state_dict(state_dict)
+        self._plan = None  # buffers are new tensors: rebuild the chunk storage
+
+    def set_schedule(self, scheduler) -> bool:
+        """Register the LR scheduler used; checks the Robbins–Monro conditions (warns)."""
+        self._schedule_ok = check_robbins_monro(scheduler, warn=self.guarantee)
+        return self._schedule_ok
+
+    def _name(self, group, i) -> str:
+        names = group.get("param_names")
+        if names:
+            return str(names[i])
+        return f"param_groups[{self.param_groups.index(group)}]['params'][{i}] " \
+               f"(shape {tuple(group['params'][i].shape)})"
+
+    def _multiplier(self, p):
+        if self.radius_scaling is None:
+            return None
+        return self.radius_scaling.multiplier(p)
+
+    # ------------------------------------------------------------------------ step
+    def step(self, closure=None):
+        """One optimisation step; ``closure`` re-evaluates the loss (called with grad on)."""
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        if self.guarantee and self._schedule_ok is None:
+            self._schedule_ok = check_robbins_monro(None)  # no scheduler registered
+        with torch.no_grad():
+            if self.radius_scaling is not None:
+                self.radius_scaling.refresh()
+            if self.batched:
+                done = self._step_batched()
+            else:
+                done = self._step_reference()
+            if not done:
+                self.skipped_steps += 1
+                return loss
+            for group in self.param_groups:
+                group["step"] = group.get("step", 0) + 1
+                if group["stabilize"] is not None and group["step"] % group["stabilize"] == 0:
+                    self.stabilize_group(group)
+                    self._plan = None
+        return loss
+
+    def _nonfinite(self, bad: list[str]) -> bool:
+        if self.nonfinite == "raise":
+            raise NonFiniteGradientError(
+                "non-finite gradient (NaN or Inf) in " + ", ".join(bad) + "; the step was not "
+                "taken. Lower the learning rate, clip gradients, or pass nonfinite='skip'")
+        return False
+
+    def _find_bad(self) -> list[str]:
+        bad = []
+        for group in self.param_groups:
+            for i, p in enumerate(group["params"]):
+                if p.grad is not None and not bool(torch.isfinite(p.grad).all()):
+                    bad.append(self._name(group, i))
+        return bad
+
+    # ----------------------------------------------------------- reference path
+    def _step_reference(self) -> bool:
+        """Per-parameter, per-block update with the manifolds' own primitives (the oracle)."""
+        work = []
+        bad = []
+        for group in self.param_groups:
+            for i, p in enumerate(group["params"]):
+                if p.grad is None:
+                    continue
+                if p.grad.is_sparse:
+                    raise RuntimeError("ConvergentRSGD does not support sparse gradients")
+                if not bool(torch.isfinite(p.grad).all()):
+                    bad.append(self._name(group, i))
+                work.append((group, i, p))
+        if bad:
+            return self._nonfinite(bad)
+        stats = {} if self.log_stats else None
+        for group, _i, p in work:
+            kind, m = bt.classify(p)
+            if kind == "euclid":
+                self._ref_euclid(group, p)
+            elif kind == "foreign":
+                self._foreign(group, p, m)
+            else:
+                self._ref_kernel(group, p, m, stats)
+        if stats is not None:
+            self._publish_stats(stats)
+        return True
+
+    def _ref_euclid(self, group, p):
+        g = p.grad
+        wd, mu, damp = group["weight_decay"], group["momentum"], group["dampening"]
+        if wd:
+            g = g.add(p, alpha=wd)
+        if mu:
+            st = self.state[p]
+            buf = st.get("momentum_buffer")
+            if buf is None:
+                buf = st["momentum_buffer"] = torch.clone(g).detach()
+            else:
+                buf.mul_(mu).add_(g, alpha=1 - damp)
+            g = g.add(buf, alpha=mu) if group["nesterov"] else buf
+        p.add_(g, alpha=-group["lr"])
+
+    def _foreign(self, group, p, m):
+        """Other geoopt manifolds: plain Riemannian SGD (no step rule, no batching)."""
+        if group["step_rule"] != "none" and not self._warned_foreign:
+            warnings.warn(f"{type(m).__name__} is not a kernelgeo manifold: its parameters get "
+                          "plain Riemannian SGD without the step rule", stacklevel=3)
+            self._warned_foreign = True
+        mu, damp = group["momentum"], group["dampening"]
+        u = m.egrad2rgrad(p, p.grad.clone())
+        if mu:
+            st = self.state[p]
+            buf = st.get("momentum_buffer")
+            if buf is None:
+                buf = st["momentum_buffer"] = u.clone()
+            else:
+                buf.mul_(mu).add_(u, alpha=1 - damp)
+            d = u.add(buf, alpha=mu) if group["nesterov"] else buf
+            new, nbuf = m.retr_transp(p, -group["lr"] * d, buf)
+            buf.copy_(nbuf)
+        else:
+            new = m.retr(p, -group["lr"] * u)
+        p.copy_(new)
+
+    def _ref_kernel(self, group, p, m, stats):
+        mu, damp = group["momentum"], group["dampening"]
+        lr = group["lr"]
+        mult = self._multiplier(p)
+        if mult is not None:
+            lr = lr * mult
+        blocks = m.blocks(p.shape) if isinstance(m, KernelProduct) else [(m, None)]
+        st = self.state[p]
+        for b, (bm, bidx) in enumerate(blocks):
+            bidx = None if bidx is None or len(blocks) == 1 else bidx
+            shape = tuple(p.shape) if bidx is None else KernelProduct._sub(p.shape, bidx)
+            psub = p if bidx is None else p[bidx]
+            r = bm.radius_of(shape)
+            x = bm.to_batch(psub)
+            gr = bm.to_batch(p.grad if bidx is None else p.grad[bidx])
+            consts = rule_constants(group["step_rule"], bm, shape, rho=group["rho"],
+                                    max_step=group["max_step"])
+            if group["weight_decay"] and (consts.flat or group["decay_manifold"]):
+                gr = gr + group["weight_decay"] * x
+            u = bm._bproju(x, gr, r)
+            if mu:
+                bl = st.setdefault("momentum_blocks", [None] * len(blocks))
+                if bl[b] is None:
+                    buf = u.clone()
+                else:
+                    buf = bm.to_batch(bl[b]).clone()
+                    buf.mul_(mu).add_(u, alpha=1 - damp)
+                d = u.add(buf, alpha=mu) if group["nesterov"] else buf
+            else:
+                d = u
+            rn = bm._binner(x, d, d).clamp_min(0).sqrt()
+            g = step_sizes(lr, rn, consts)
+            xn = bm._bretr(x, -g.view((-1,) + (1,) * (d.dim() - 1)) * d, r)
+            if mu:
+                nb = bm.from_batch(bm._btransp(x, xn, buf, r), shape).contiguous()
+                if bl[b] is None:
+                    bl[b] = nb
+                else:
+                    bl[b].copy_(nb)
+            psub.copy_(bm.from_batch(xn, shape))
+            if stats is not None:
+                stats.setdefault(id(group), []).append((rn, g, consts))
+
+    # -------------------------------------------------------------- batched path
+    def _signature(self):
+        return tuple(tuple(p.grad is not None for p in g["params"]) for g in self.param_groups)
+
+    def _get_plan(self):
+        sig = self._signature()
+        if self._plan is None or sig != self._plan_sig:
+            plans = []
+            new_bufs: dict = {}
+            for group, has in zip(self.param_groups, sig, strict=True):
+                gp = bt.build_group_plan(group, self.state, chunk_numel=self.chunk_numel,
+                                         max_step=group["max_step"], has_grad=list(has))
+                if group["momentum"]:
+                    for ch in gp.chunks:
+                        bt.attach_momentum(ch, self.state, new_bufs)
+                plans.append(gp)
+            self._plan, self._plan_sig = plans, sig
+        return self._plan
+
+    def _chunk_lr(self, group, ch: bt.Chunk, ndim: int):
+        """``lr`` times the layer multipliers, per row of the chunk (``ndim``-D, row-major)."""
+        lr = group["lr"]
+        if self.radius_scaling is None:
+            return lr
+        ms = [self._multiplier(m.param) for m in ch.members]
+        if len(ms) == 1:
+            return lr * ms[0]
+        rows = torch.cat([mm.reshape(1).expand(m.nrows) for mm, m in zip(ms, ch.members,
+                                                                           strict=True)])
+        return lr * rows.view((-1,) + (1,) * (ndim - 1))
+
+    def _step_batched(self) -> bool:
+        plans = self._get_plan()
+        grads_of = _grad
+        prepared, checks = [], []
+        for group, gp in zip(self.param_groups, plans, strict=True):
+            ps = group["params"]
+            eg = [ps[i].grad for i in gp.euclid]
+            if any(g.is_sparse for g in eg):
+                raise RuntimeError("ConvergentRSGD does not support sparse gradients")
+            checks.extend(eg)
+            items = []
+            for ch in gp.chunks:
+                x, g, inplace = bt.gather(ch, grads_of)
+                h = self._hyper(group, ch)
+                if ch.kind == "sphere":
+                    g, c = bt.sphere_prepare(ch, x, g)
+                elif ch.kind == "stiefel":
+                    g, c = bt.stiefel_prepare(ch, x, g)
+                else:
+                    g, c = bt.generic_prepare(ch, x, g, h)
+                checks.append(c)
+                items.append((ch, x, g, c, inplace, h))
+            for i in gp.foreign:
+                checks.append(ps[i].grad)
+            prepared.append(items)
+        if checks:
+            norms = torch._foreach_norm(checks)
+            if not bool(torch.isfinite(torch.stack(norms)).all()):
+                bad = self._find_bad()
+                if bad:
+                    return self._nonfinite(bad)
+        self.last_stats = []
+        for group, gp, items in zip(self.param_groups, plans, prepared, strict=True):
+            self._euclid_foreach(group, [group["params"][i] for i in gp.euclid])
+            stats = [] if self.log_stats else None
+            for ch, x, g, c, inplace, h in items:
+                h.lr = self._chunk_lr(group, ch, c.dim() if ch.kind == "sphere" else 1)
+                if ch.kind == "sphere":
+                    xn = bt.sphere_apply(ch, x, g, c, h, stats)
+                elif ch.kind == "stiefel":
+                    xn = bt.stiefel_apply(ch, x, g, c, h, stats)
+                else:
+                    xn = bt.generic_apply(ch, x, c, h, stats)
+                if not inplace:
+                    bt.scatter(ch, xn)
+                if ch.fresh_members:
+                    bt.commit_fresh(ch, self.state, _nblocks)
+            for i in gp.foreign:
+                self._foreign(group, group["params"][i], group["params"][i].manifold)
+            if stats is not None:
+                self._publish_stats({id(group): stats}, append=True)
+        return True
+
+    def _hyper(self, group, ch) -> bt.Hyper:
+        wd = group["weight_decay"] if (ch.consts.flat or group["decay_manifold"]) else 0.0
+        return bt.Hyper(lr=group["lr"], momentum=group["momentum"],
+                        dampening=group["dampening"], nesterov=group["nesterov"], wd=wd)
+
+    def _euclid_foreach(self, group, params):
+        """``torch.optim.SGD``'s multi-tensor update (same operations, same order)."""
+        if not params:
+            return
+        grads = [p.grad for p in params]
+        wd, mu, damp = group["weight_decay"], group["momentum"], group["dampening"]
+        if wd:
+            grads = torch._foreach_add(grads, params, alpha=wd)
+        if mu:
+            bufs, fresh_p, fresh_g, old_b, old_g = [], [], [], [], []
+            for p, g in zip(params, grads, strict=True):
+                b = self.state[p].get("momentum_buffer")
+                if b is None:
+                    fresh_p.append(p)
+                    fresh_g.append(g)
+                else:
+                    old_b.append(b)
+                    old_g.append(g)
+            if old_b:
+                torch._foreach_mul_(old_b, mu)
+                torch._foreach_add_(old_b, old_g, alpha=1 - damp)
+            for p, g in zip(fresh_p, fresh_g, strict=True):
+                self.state[p]["momentum_buffer"] = torch.clone(g).detach()
+            bufs = [self.state[p]["momentum_buffer"] for p in params]
+            if group["nesterov"]:
+                grads = torch._foreach_add(grads, bufs, alpha=mu)
+            else:
+                grads = bufs
+        torch._foreach_add_(params, grads, alpha=-group["lr"])
+
+    # ------------------------------------------------------------------ logging
+    def _publish_stats(self, stats: dict, append: bool = False):
+        out = [] if not append else self.last_stats
+        for group in self.param_groups:
+            if id(group) not in stats:
+                continue
+            rows = stats[id(group)]
+            if not rows:
+                out.append({"lr": group["lr"]})
+                continue
+            rn = torch.cat([r.flatten() for r, _, _ in rows])
+            g = torch.cat([(s * torch.ones_like(r)).flatten() for r, s, _ in rows])
+            inj = torch.cat([torch.full_like(r.flatten(), c.inj) for r, _, c in rows])
+            lr = group["lr"]
+            step_len = g * rn
+            out.append({
+                "lr": lr, "R_max": rn.max(), "R_mean": rn.mean(),
+                "Gamma_max": (lr / g.clamp_min(torch.finfo(g.dtype).tiny)).max()
+                if isinstance(lr, float) else None,
+                "g_min": g.min(), "g_mean": g.mean(), "step_max": step_len.max(),
+                "step_over_inj_max": (step_len / inj).max(),
+            })
+        self.last_stats = out
+
+    # ------------------------------------------------------------- stabilisation
+    @torch.no_grad()
+    def stabilize_group(self, group):
+        """Project every kernel of ``group`` back onto its manifold and its momentum onto the
+        tangent space (removes float drift; a point at distance ``e`` moves by ``O(e)``)."""
+        for p in group["params"]:
+            kind, m = bt.classify(p)
+            if kind == "euclid":
+                continue
+            if kind == "foreign":
+                p.copy_(m.projx(p))
+                buf = self.state[p].get("momentum_buffer")
+                if buf is not None:
+                    buf.copy_(m.proju(p, buf))
+                continue
+            blocks = m.blocks(p.shape) if isinstance(m, KernelProduct) else [(m, None)]
+            bl = self.state[p].get("momentum_blocks")
+            for b, (bm, bidx) in enumerate(blocks):
+                bidx = None if bidx is None or len(blocks) == 1 else bidx
+                psub = p if bidx is None else p[bidx]
+                psub.copy_(_reproject(bm, psub))
+                if bl is not None and bl[b] is not None:
+                    bl[b].copy_(bm.proju(psub, bl[b]))
+
+
+def _grad(p):
+    return p.grad
+
+
+def _reproject(m, x):
+    """Metric projection, except for Stiefel: the QR factor (as close, up to O(error), and
+    without the float64 SVD that the exact polar projection of a large kernel would cost)."""
+    if isinstance(m, Stiefel):
+        r = m.radius_of(x.shape)
+        return m.from_batch(r * _qf(m.to_batch(x) / r), x.shape)
+    return m.projx(x)
+
+
