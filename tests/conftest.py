@@ -1,0 +1,48 @@
+"""Shared pytest fixtures: reproducible random generators and per-dtype tolerances.
+
+Seeds are derived from the test's node id, so every test draws its own reproducible stream;
+set ``KERNELGEO_TEST_SEED`` to an integer to shift all streams (a cheap way to rerun the
+randomized suites on fresh data).
+"""
+
+from __future__ import annotations
+
+import os
+import zlib
+
+import pytest
+import torch
+
+#: relative tolerance of a property check, per floating dtype (float64 tight, float32 loose)
+TOL = {torch.float64: 1e-9, torch.float32: 2e-4}
+
+
+def seed_for(nodeid: str) -> int:
+    """Deterministic 31-bit seed of a test id, shifted by ``$KERNELGEO_TEST_SEED``."""
+    return (zlib.crc32(nodeid.encode()) + int(os.environ.get("KERNELGEO_TEST_SEED", "0"))) % (
+        2**31
+    )
+
+
+@pytest.fixture
+def seed(request) -> int:
+    """Per-test integer seed (see :func:`seed_for`)."""
+    return seed_for(request.node.nodeid)
+
+
+@pytest.fixture
+def gen(seed) -> torch.Generator:
+    """A CPU :class:`torch.Generator` seeded per test."""
+    return torch.Generator().manual_seed(seed)
+
+
+@pytest.fixture(params=[torch.float64, torch.float32], ids=["f64", "f32"])
+def dtype(request) -> torch.dtype:
+    """Both floating dtypes; pair with :data:`TOL` or the ``tol`` fixture."""
+    return request.param
+
+
+@pytest.fixture
+def tol(dtype) -> float:
+    """Relative tolerance for the ``dtype`` fixture."""
+    return TOL[dtype]
