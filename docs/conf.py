@@ -74,7 +74,8 @@ mathjax3_config = {
 }
 
 # ----------------------------------------------------------------------- autodoc/numpydoc
-autodoc_default_options = {"members": True, "member-order": "bysource", "show-inheritance": True}
+autodoc_default_options = {"members": True, "undoc-members": True, "member-order": "bysource",
+                           "show-inheritance": True}
 autodoc_typehints = "none"  # numpydoc's Parameters sections carry the types
 autodoc_inherit_docstrings = False  # geoopt's docstrings use another style
 autosummary_generate = False  # tables only; the objects are documented by automodule
@@ -112,3 +113,8 @@ plot_pre_code = (
 )
 # ``plot_working_directory`` is the repository root so tutorials can read bench/ files
 plot_working_directory = str(ROOT)
+
+# Broken links to kernelgeo's own objects are errors; links to other projects cannot be
+# resolved offline (intersphinx is off by default) and are ignored.
+nitpicky = True
+nitpick_ignore_regex = [(r"py:.*", r"(?!kernelgeo\b).*")]

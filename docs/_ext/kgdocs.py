@@ -197,3 +197,85 @@ class MarkdownInclude(Directive):
 def setup(app):
     app.add_directive("markdown-include", MarkdownInclude)
     return {"version": "1", "parallel_read_safe": True, "parallel_write_safe": True}
+
+
+# ------------------------------------------------------------- docstring table repair
+_BORDER = re.compile(r"^(\s*)(=+)((\s+=+)+)\s*$")
+
+
+def _column_starts(border: str) -> list[int]:
+    return [m.start() for m in re.finditer(r"=+", border)]
+
+
+def repair_simple_tables(lines: list[str]) -> bool:
+    """Re-align reST simple tables whose cell text runs into the gap between columns.
+
+    Cells are cut at the column starts of the border line (what the author meant), then the
+    border is widened to fit.  Returns whether anything changed.  Used on docstrings, where a
+    misaligned table is a docutils error that ``-W`` turns into a failed build.
+    """
+    changed = False
+    i = 0
+    while i < len(lines):
+        m = _BORDER.match(lines[i])
+        if not m:
+            i += 1
+            continue
+        starts = _column_starts(lines[i])
+        indent = m.group(1)
+        # the table runs to the second border after the first (header form) or the next one
+        borders = [i]
+        j = i + 1
+        while j < len(lines) and lines[j].strip() and len(borders) < 3:
+            if _BORDER.match(lines[j]) and _column_starts(lines[j]) == starts:
+                borders.append(j)
+            j += 1
+        end = borders[-1]
+        if len(borders) < 2:
+            i += 1
+            continue
+        rows = {}
+        for k in range(i + 1, end):
+            if k in borders:
+                continue
+            line = lines[k]
+            bounds = starts[1:] + [None]
+            rows[k] = [line[a:b].strip() if b else line[a:].strip()
+                       for a, b in zip(starts, bounds)]
+        widths = [0] * len(starts)
+        for c in range(len(starts)):
+            border_w = len(re.findall(r"=+", lines[i])[c])
+            widths[c] = max([border_w] + [len(r[c]) for r in rows.values()])
+        ok = all(
+            all(len(r[c]) <= len(re.findall(r"=+", lines[i])[c]) for c in range(len(starts) - 1))
+            and not any(lines[k][starts[c + 1] - 1:starts[c + 1]].strip()
+                        for c in range(len(starts) - 1) if len(lines[k]) >= starts[c + 1])
+            for k, r in rows.items())
+        if not ok:
+            border = indent + "  ".join("=" * w for w in widths)
+            for b in borders:
+                lines[b] = border
+            for k, r in rows.items():
+                lines[k] = indent + "  ".join(
+                    cell.ljust(w) for cell, w in zip(r[:-1], widths[:-1])) + "  " + r[-1]
+                lines[k] = lines[k].rstrip()
+            changed = True
+        i = end + 1
+    return changed
+
+
+def _process_docstring(app, what, name, obj, options, lines):
+    repair_simple_tables(lines)
+
+
+def _setup_repair(app):
+    app.connect("autodoc-process-docstring", _process_docstring)
+
+
+_base_setup = setup
+
+
+def setup(app):  # noqa: F811 - extends the directive registration above
+    meta = _base_setup(app)
+    _setup_repair(app)
+    return meta
