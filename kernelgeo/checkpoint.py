@@ -119,9 +119,10 @@ def load_checkpoint(path: str | os.PathLike, map_location: Any = "cpu",
         state = torch.load(path, map_location=map_location, weights_only=True)
     except Exception as err:  # torch raises several types for damaged zip/pickle data
         size = path.stat().st_size
+        why = (str(err).splitlines() or [""])[0][:200]
         raise CheckpointError(
             f"cannot read checkpoint {path} ({size} bytes): it is truncated or corrupt, or not "
-            f"a kernelgeo checkpoint ({type(err).__name__}: {str(err).splitlines()[0][:200]}). "
+            f"a kernelgeo checkpoint ({type(err).__name__}: {why}). "
             "Delete it to start over, or restore it from a backup.") from None
     if not isinstance(state, dict):
         raise CheckpointError(f"checkpoint {path} holds a {type(state).__name__}, not a dict")
