@@ -164,12 +164,19 @@ def stiefel_log(x: torch.Tensor, y: torch.Tensor, *, r: float = 1.0, metric: str
         # the canonical log is the right direction with a slightly wrong length profile:
         # a good start for shooting with the embedded exponential
         u = _unit_proju(x64, u)
+        step, prev = 1.0, math.inf
+        u_prev, res_prev = u, torch.zeros_like(u)
         for it in range(1, max_iter + 1):  # noqa: B007
             res = y64 - _unit_exp(x64, u)
             err = float(res.flatten(1).norm(dim=1).max())
             if err < tol:
                 break
-            u = u + _unit_proju(x64, res)
+            if err > prev:  # overshoot far from the solution: damp the last update
+                step *= 0.5
+                u = u_prev + step * _unit_proju(x64, res_prev)
+                continue
+            u_prev, res_prev, prev = u, res, err
+            u = u + step * _unit_proju(x64, res)
         else:
             raise StiefelLogError(
                 f"embedded-metric Stiefel log (shooting) did not converge in {max_iter} "
