@@ -554,6 +554,9 @@ def _train(cfg: TrainConfig, spec, data: ImageData | None, ctx: kdist.DistContex
             log(f"--resume: no checkpoint at {ckpt_path}; starting from scratch")
 
     if ctx.enabled:
+        # conv weights with a size-1 dim (1-channel stems) get gradients whose strides differ
+        # from DDP's bucket views only in that dim: harmless, but warned about every step
+        warnings.filterwarnings("ignore", message="Grad strides do not match bucket view")
         model_t = nn.parallel.DistributedDataParallel(
             model, device_ids=[device.index] if device.type == "cuda" else None)
     else:
