@@ -96,6 +96,14 @@ class RowSphere(KernelManifold):
         tiny = torch.finfo(x.dtype).tiny ** 0.5
         return r * torch.where(nrm > tiny, x / nrm.clamp_min(tiny), fallback)
 
+    def projx(self, x: torch.Tensor) -> torch.Tensor:
+        """Metric projection; rows are first divided by their largest entry so that the norm
+        of a row with huge entries (beyond ~1e19 in float32) does not overflow to ``inf``."""
+        shape = x.shape
+        b = self.to_batch(x)
+        b = b / b.detach().abs().amax(-1, keepdim=True).clamp_min(torch.finfo(b.dtype).tiny)
+        return self.from_batch(self._bprojx(b, self.radius_of(shape)), shape)
+
     def _bproju(self, x, u, r):
         u = self._center(u)
         return u - (_rowdot(x, u) / (r * r)) * x

@@ -122,7 +122,7 @@ class Stiefel(KernelManifold):
       Böttcher–Wenzel);
     * injectivity radius: :math:`\pi` for :math:`p<n` (Zimmermann & Stoye 2024, "The
       injectivity radius of the compact Stiefel manifold under the Euclidean metric");
-      :math:`\pi\sqrt2` for :math:`O(p)`, :math:`p\ge 3` (our value: :math:`K\le\tfrac12`
+      :math:`\pi\sqrt2` for :math:`O(p)`, :math:`p\ge 2` (our value: :math:`K\le\tfrac12`
       and shortest geodesic loops of length :math:`2\pi\sqrt2`, by Klingenberg's lemma);
     * diameter :math:`\pi\sqrt p` for :math:`p<n` (upper bound: rotate by
       :math:`e^{t\Omega}` with :math:`\|\Omega\|_2\le\pi`; attained by :math:`Y` and
@@ -210,7 +210,7 @@ class Stiefel(KernelManifold):
     def injectivity_radius(self, shape):
         _, n, p = self._np(shape)
         r = self.radius_of(shape)
-        if n == p and p >= 3:
+        if n == p:  # O(p): shortest geodesic loops have length 2 pi sqrt 2 (O(2) included)
             return math.pi * math.sqrt(2.0) * r
         return math.pi * r
 
