@@ -307,7 +307,7 @@ def _report(out_dir, geometries, model_fn, data, epochs, lr, momentum, seed, poi
           f"{momentum}), seed {seed}; every geometry starts from the same initialization "
           "(projected onto its manifold) and sees the same batches.", "",
           "## Summary", "",
-          _md_table(["geometry", "constrained dim", "train loss", "test acc",
+          _md_table(["geometry", "kernel search-space dim", "train loss", "test acc",
                      "sharpness (Riemannian)", "sharpness (Euclidean)", "path length",
                      "distance from init", "path / distance"],
                     [[r.label, sum(g.dim for g in r.geometry_rows), r.train_loss, r.test_acc,
@@ -320,7 +320,8 @@ def _report(out_dir, geometries, model_fn, data, epochs, lr, momentum, seed, poi
           "Weingarten term, on the product of the kernels' tangent spaces) and Euclidean "
           "(all coordinates).  Path length sums the geodesic lengths of every optimizer step "
           "(Stiefel blocks: chordal step length); distance from init is geodesic (Stiefel: "
-          "embedded-metric shooting logarithm).", "",
+          "embedded-metric shooting logarithm, or the canonical-metric "
+          "distance, with a warning, where shooting does not converge).", "",
           "## Search space per layer", ""]
     for r in runs:
         md += [f"### {r.label} (`{r.spec}`)", "", rows_to_markdown(r.geometry_rows), ""]
