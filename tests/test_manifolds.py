@@ -790,10 +790,8 @@ def test_sphere_injectivity_radius_and_diameter_are_sharp(gen):
                                torch.full((4,), 0.9 * math.pi * r, dtype=F64))
 
 
-@pytest.mark.xfail(strict=True, reason="Stiefel.injectivity_radius returns pi for O(2) "
-                   "(n = p = 2); the circle SO(2) with the Frobenius metric has length "
-                   "2 pi sqrt 2, so its injectivity radius is pi sqrt 2")
 def test_stiefel_o2_injectivity_radius():
+    """SO(2) with the Frobenius metric is a circle of length 2 pi sqrt 2 (regression: pi)."""
     m = Stiefel()
     shape = (2, 2, 1, 1)  # St(2, 2) = O(2)
     x = m.random(shape, dtype=F64, generator=torch.Generator().manual_seed(1))
