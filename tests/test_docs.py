@@ -11,6 +11,7 @@ API pages, and the tutorials' doctest blocks run.
 
 from __future__ import annotations
 
+import doctest
 import importlib
 import inspect
 import math
@@ -50,7 +51,8 @@ def _rng(seed=0):
 
 
 def _t(a):
-    return torch.as_tensor(np.asarray(a), dtype=torch.float64)
+    # a copy: the optimizer updates parameters in place, the formula needs the old value
+    return torch.tensor(np.array(a, dtype=np.float64))
 
 
 def _np(t):
@@ -731,3 +733,30 @@ def test_api_pages_cover_all():
             if shadowed[1] not in getattr(parent, "__all__", []):
                 missing.append(modname)
     assert missing == [], "not in docs/api; run python docs/_ext/gen_api.py"
+
+
+# ============================================================================ tutorials
+TUTORIALS = sorted(p.name for p in (DOCS / "tutorials").glob("*.rst") if p.name != "index.rst")
+
+
+@pytest.mark.parametrize("name", TUTORIALS)
+def test_tutorial_doctests(name):
+    """The ``>>>`` examples of each tutorial give the printed output (the build runs the same
+    code through the plot directive and keeps the figures)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    from matplotlib import pyplot as plt
+
+    globs = {"np": np, "torch": torch, "plt": plt}  # what conf.py's plot_pre_code provides
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # as in the docs build; tiny models gain nothing from more
+    try:
+        res = doctest.testfile(str(DOCS / "tutorials" / name), module_relative=False,
+                               globs=globs, optionflags=doctest.ELLIPSIS
+                               | doctest.NORMALIZE_WHITESPACE, verbose=False)
+    finally:
+        plt.close("all")
+        torch.set_num_threads(threads)
+    assert res.attempted > 0
+    assert res.failed == 0
