@@ -1,6 +1,7 @@
 """Geometric analysis of kernel normalizations: curvature, geodesics, landscapes, reports.
 
-Submodules (imported lazily by the user; none imports geomstats):
+Submodules (``curvature`` and ``geodesics`` are imported here; the others on demand, as they
+load scipy and matplotlib; none imports geomstats):
 
 - :mod:`~kernelgeo.analysis.curvature`: second fundamental forms, sectional curvature (Gauss
   equation, Jacobi fields), per-layer geometry tables;
