@@ -126,7 +126,7 @@ class ConvergentRSGD(RiemannianSGD):
                  step_rule: str = "gsgd", rho: float | None = None, max_step: float = 0.5,
                  radius_scaling=None, stabilize: int | None = 100, nonfinite: str = "raise",
                  decay_manifold: bool = False, batched: bool = True, log_stats: bool = False,
-                 guarantee: bool = False, chunk_numel: int = 1 << 17):
+                 guarantee: bool = False, chunk_numel: int = 1 << 18):
         if not lr >= 0.0:
             raise ValueError(f"Invalid learning rate: {lr}")
         if momentum < 0.0:

@@ -1,0 +1,97 @@
+"""Time one optimizer step on the parameters of ResNet-20 / ResNet-50.
+
+Anchors measured in the same run: ``torch.optim.SGD(foreach=True)`` on the same parameters
+(plain tensors) and ``geoopt.optim.RiemannianSGD`` on the same manifold parameters.
+
+    python bench/optimizer_step.py [--models resnet20 resnet50] [--manifolds sphere ...]
+        [--device cpu] [--momentum 0.9] [--markdown FILE]
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from bench.common import (  # noqa: E402
+    build_model,
+    constrain_model,
+    fill_grads,
+    machine,
+    now,
+    table,
+    timeit,
+)
+from kernelgeo._compat import geoopt  # noqa: E402
+from kernelgeo.optim import ConvergentRSGD  # noqa: E402
+
+
+def measure(model_name, manifolds, device, momentum, repeat, number, geoopt_max_s=2.0,
+            rule="gsgd"):
+    sync = torch.cuda.synchronize if device.startswith("cuda") else None
+    base = build_model(model_name).to(device)
+    fill_grads(base)
+    sgd_model = copy.deepcopy(base)
+    fill_grads(sgd_model)
+    sgd = torch.optim.SGD(sgd_model.parameters(), lr=1e-3, momentum=momentum, foreach=True)
+    t_sgd = timeit(sgd.step, repeat=repeat, number=number, sync=sync)
+    rows = []
+    for spec in manifolds:
+        m = constrain_model(copy.deepcopy(base), spec)
+        fill_grads(m)
+        ours = ConvergentRSGD(m.parameters(), lr=1e-3, momentum=momentum, step_rule=rule,
+                              stabilize=None)
+        t_ours = timeit(ours.step, repeat=repeat, number=number, sync=sync)
+        g = constrain_model(copy.deepcopy(base), spec)
+        fill_grads(g)
+        ref = geoopt.optim.RiemannianSGD(g.parameters(), lr=1e-3, momentum=momentum)
+        # geoopt can take seconds per step (Stiefel): time it fewer times
+        t1 = timeit(ref.step, repeat=1, number=1, sync=sync)
+        t_geo = t1 if t1 > geoopt_max_s else timeit(ref.step, repeat=max(3, repeat // 2),
+                                                    number=1, sync=sync)
+        rows.append([model_name, spec, f"{t_sgd * 1e3:.2f}", f"{t_ours * 1e3:.2f}",
+                     f"{t_geo * 1e3:.2f}", f"{t_ours / t_sgd:.2f}x", f"{t_geo / t_sgd:.1f}x",
+                     f"{t_geo / t_ours:.1f}x"])
+        print(" | ".join(map(str, rows[-1])), flush=True)
+    return rows
+
+
+HEADER = ["params of", "manifold", "torch SGD foreach (ms)", "ConvergentRSGD (ms)",
+          "geoopt RSGD (ms)", "ours / SGD", "geoopt / SGD", "speed-up vs geoopt"]
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__)
+    ap.add_argument("--models", nargs="+", default=["resnet20", "resnet50"])
+    ap.add_argument("--manifolds", nargs="+", default=["sphere", "oblique", "stiefel"])
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--momentum", type=float, default=0.9)
+    ap.add_argument("--rule", default="gsgd")
+    ap.add_argument("--repeat", type=int, default=7)
+    ap.add_argument("--number", type=int, default=5)
+    ap.add_argument("--threads", type=int, default=1,
+                    help="torch CPU threads (1: stable numbers on a shared machine)")
+    ap.add_argument("--markdown", default=None, help="append the table to this file")
+    a = ap.parse_args(argv)
+    if a.threads:
+        torch.set_num_threads(a.threads)
+    rows = []
+    for mn in a.models:
+        rows += measure(mn, a.manifolds, a.device, a.momentum, a.repeat, a.number, rule=a.rule)
+    md = table(rows, HEADER)
+    print()
+    print(md)
+    if a.markdown:
+        with open(a.markdown, "a") as f:
+            f.write(f"\n### Optimizer step ({a.device}, momentum {a.momentum}, rule {a.rule})\n\n"
+                    f"{now()}; {machine()}\n\n`python bench/optimizer_step.py "
+                    f"{' '.join(argv or sys.argv[1:])}`\n\n{md}\n")
+    return rows
+
+
+if __name__ == "__main__":
+    main()
