@@ -338,17 +338,18 @@ def _polar_np(a):
 
 
 @pytest.mark.parametrize("mid,sid", CASES)
-def test_projx_of_degenerate_kernels_is_finite(mid, sid, dtype):
+def test_projx_of_degenerate_kernels_is_finite(mid, sid):
     m, shape = _case(mid, sid)
-    zero = torch.zeros(shape, dtype=dtype)
-    const = torch.ones(shape, dtype=dtype)  # centred part is zero for the centred sphere
-    half = torch.randn(shape, dtype=dtype)
-    half[: shape[0] // 2] = 0  # some zero filters only
-    tiny = 1e-30 * torch.randn(shape, dtype=dtype)
-    for w in (zero, const, half, tiny):
-        p = m.projx(w)
-        assert torch.isfinite(p).all()
-        assert on_manifold_err(m, p) < 10 * TOL[dtype]
+    for dtype in (torch.float64, torch.float32):
+        zero = torch.zeros(shape, dtype=dtype)
+        const = torch.ones(shape, dtype=dtype)  # centred part is zero for the centred sphere
+        half = torch.randn(shape, dtype=dtype)
+        half[: shape[0] // 2] = 0  # some zero filters only
+        tiny = 1e-30 * torch.randn(shape, dtype=dtype)
+        for w in (zero, const, half, tiny):
+            p = m.projx(w)
+            assert torch.isfinite(p).all(), dtype
+            assert on_manifold_err(m, p) < 10 * TOL[dtype], dtype
 
 
 _CE_XFAIL = pytest.mark.xfail(
@@ -406,17 +407,9 @@ def test_proju_kills_normal_directions(mid, sid, dtype, gen):
     assert_close(m.proju(x, u + nv), u, dtype, s / math.sqrt(u.numel()), k=10)
     if not any(isinstance(b, Euclidean) for b, _ in blocks(m, shape)):
         assert float(m.proju(x, x).norm()) < 10 * TOL[dtype] * float(x.norm())
-
-
-@pytest.mark.parametrize("mid,sid", CASES)
-def test_check_vector_on_tangent_rejects_normal(mid, sid, gen):
-    m, shape = _case(mid, sid)
-    x, u = point_and_tangent(m, shape, F64, gen)
-    nv = normal_vector(m, x, gen)
-    if float(nv.norm()) == 0:
-        pytest.skip("Euclidean: no normal directions")
-    ok, why = m.check_vector_on_tangent(x, u + nv, explain=True)
-    assert not ok and why
+    if float(nv.norm()) > 0:  # the tangent check must see a normal component
+        ok, why = m.check_vector_on_tangent(x, u + nv, explain=True)
+        assert not ok and why
 
 
 @pytest.mark.parametrize("mid,sid", SMALL)
@@ -457,6 +450,8 @@ def test_retr_expmap_first_order(mid, sid, gen):
     for op in (m.retr, m.expmap):
         d = (op(x, h * u) - op(x, -h * u)) / (2 * h)
         torch.testing.assert_close(d, u, atol=1e-7 * float(u.abs().max()), rtol=1e-6)
+    if not has_stiefel(m, shape):  # sphere-type retraction is the metric projection of x + u
+        torch.testing.assert_close(m.retr(x, u), m.projx(x + u), atol=1e-12, rtol=1e-10)
 
 
 @pytest.mark.parametrize("mid,sid", CASES)
@@ -476,13 +471,6 @@ def test_expmap_is_geodesic(mid, sid, gen):
         acc = (m.expmap(x, (t + h) * u) - 2 * g0 + m.expmap(x, (t - h) * u)) / h**2
         tangential = m.proju(g0, acc)
         assert float(tangential.norm()) < 1e-5 * speed**2 / s * math.sqrt(acc.numel())
-
-
-@pytest.mark.parametrize("mid,sid", [c for c in CASES if not has_stiefel(*_case(*c.values))])
-def test_sphere_retraction_is_projection(mid, sid, gen):
-    m, shape = _case(mid, sid)
-    x, u = point_and_tangent(m, shape, F64, gen)
-    torch.testing.assert_close(m.retr(x, u), m.projx(x + u), atol=1e-12, rtol=1e-10)
 
 
 @pytest.mark.parametrize("mid,sid", [c for c in CASES if c.values[0].startswith("stiefel")])
