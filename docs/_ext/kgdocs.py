@@ -13,6 +13,7 @@ markup errors (which ``-W`` would turn into a failed build).
 
 from __future__ import annotations
 
+import glob
 import re
 from pathlib import Path
 
@@ -41,28 +42,40 @@ def _escape(text: str) -> str:
 def inline_md_to_rst(text: str) -> str:
     """Convert one line of Markdown inline markup to reST; everything else is escaped."""
     out, pos = [], 0
+
+    def emit(markup: str, start: int, end: int) -> None:
+        # reST inline markup must be delimited by whitespace or punctuation: where the
+        # Markdown lets it touch a word character, add an escaped (invisible) space
+        if start > 0 and re.match(r"\w", text[start - 1]):
+            markup = "\\ " + markup
+        if end < len(text) and re.match(r"\w", text[end]):
+            markup += "\\ "
+        out.append(markup)
+
     for m in _INLINE.finditer(text):
         out.append(_escape(text[pos:m.start()]))
         if m.group("code"):
             body = m.group("codebody").strip()
-            out.append(f":code:`{_escape(body)}`" if body else "")
+            if body:
+                emit(f":code:`{_escape(body)}`", m.start(), m.end())
         elif m.group("bold"):
-            out.append(f"**{_escape(m.group('bold').strip())}**")
+            emit(f"**{_escape(m.group('bold').strip())}**", m.start(), m.end())
         elif m.group("ital") or m.group("ital2"):
-            out.append(f"*{_escape((m.group('ital') or m.group('ital2')).strip())}*")
+            emit(f"*{_escape((m.group('ital') or m.group('ital2')).strip())}*",
+                 m.start(), m.end())
         else:
             label = _escape(m.group("ltext")).replace("`", "")
             url = m.group("lurl")
             if re.match(r"^[a-z]+://", url):
-                out.append(f"`{label} <{url}>`__")
+                emit(f"`{label} <{url}>`__", m.start(), m.end())
             else:  # relative links point into the repository, not the site
                 out.append(f"{label} (:code:`{_escape(url)}`)")
         pos = m.end()
     out.append(_escape(text[pos:]))
-    # reST inline markup must be delimited by whitespace or punctuation: pad where the
-    # Markdown relied on word characters touching the markup
     s = "".join(out)
-    s = re.sub(r"(\w)(:code:`|\*\*?(?=\S))", r"\1\\ \2", s)
+    # a line that would start a list, an enumeration or a comment is plain text here
+    if re.match(r"^([-+]|\d+[.)]|#\.|\.\.)(\s|$)", s):
+        s = "\\" + s
     return s
 
 
@@ -131,7 +144,7 @@ def md_to_rst(md: str, *, top_level: int = 1) -> str:
                 body.append(lines[i])
                 i += 1
             i += 1
-            out += [f".. code-block:: {lang}", ""] + ["   " + b for b in body] + [""]
+            out += [f".. code:: {lang}", ""] + ["   " + b for b in body] + [""]
             continue
         h = re.match(r"^(#{1,6})\s+(.*?)\s*#*\s*$", line)
         if h:
@@ -172,26 +185,33 @@ def md_to_rst(md: str, *, top_level: int = 1) -> str:
 
 
 class MarkdownInclude(Directive):
-    """``.. markdown-include:: path`` (relative to the current document)."""
+    """``.. markdown-include:: path [path ...]`` (relative to the current document; glob
+    patterns allowed; every existing match is included, in order)."""
 
     required_arguments = 1
+    final_argument_whitespace = True
     option_spec = {"top-level": directives.positive_int, "missing": directives.unchanged}
 
     def run(self):
         env = self.state.document.settings.env
-        rel, path = env.relfn2path(self.arguments[0])
-        path = Path(path)
-        if not path.is_file():
+        paths = []
+        for pattern in self.arguments[0].split():
+            _, abs_ = env.relfn2path(pattern)
+            paths += sorted(Path(p) for p in glob.glob(abs_) if Path(p).is_file())
+        if not paths:
             msg = self.options.get("missing") or f"{self.arguments[0]} has not been generated yet."
             return [nodes.note("", nodes.paragraph(text=msg))]
-        env.note_dependency(rel)
-        rst = md_to_rst(path.read_text(encoding="utf-8"),
-                        top_level=self.options.get("top-level", 1))
-        node = nodes.section()
-        node.document = self.state.document
-        nested_parse_with_titles(self.state, StringList(rst.split("\n"), source=str(path)),
-                                 node)
-        return node.children
+        out = []
+        for path in dict.fromkeys(paths):
+            env.note_dependency(str(path))
+            rst = md_to_rst(path.read_text(encoding="utf-8"),
+                            top_level=self.options.get("top-level", 1))
+            node = nodes.section()
+            node.document = self.state.document
+            nested_parse_with_titles(self.state, StringList(rst.split("\n"), source=str(path)),
+                                     node)
+            out += node.children
+        return out
 
 
 def setup(app):
