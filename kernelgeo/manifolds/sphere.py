@@ -88,6 +88,9 @@ class RowSphere(KernelManifold):
 
     def _bprojx(self, x, r):
         x = self._center(x)
+        # divide by the largest entry first: the norm of a row with entries beyond ~1e19
+        # (float32) overflows to inf and would turn the row into zeros
+        x = x / x.detach().abs().amax(-1, keepdim=True).clamp_min(torch.finfo(x.dtype).tiny)
         nrm = _rownorm(x)
         # A zero row has no nearest point: send it to the fixed unit vector (1, -1, 0, ...)/sqrt 2
         # (centred too) instead of writing NaN into the weights.
@@ -95,14 +98,6 @@ class RowSphere(KernelManifold):
         fallback[0], fallback[1] = 2**-0.5, -(2**-0.5)
         tiny = torch.finfo(x.dtype).tiny ** 0.5
         return r * torch.where(nrm > tiny, x / nrm.clamp_min(tiny), fallback)
-
-    def projx(self, x: torch.Tensor) -> torch.Tensor:
-        """Metric projection; rows are first divided by their largest entry so that the norm
-        of a row with huge entries (beyond ~1e19 in float32) does not overflow to ``inf``."""
-        shape = x.shape
-        b = self.to_batch(x)
-        b = b / b.detach().abs().amax(-1, keepdim=True).clamp_min(torch.finfo(b.dtype).tiny)
-        return self.from_batch(self._bprojx(b, self.radius_of(shape)), shape)
 
     def _bproju(self, x, u, r):
         u = self._center(u)
@@ -132,11 +127,13 @@ class RowSphere(KernelManifold):
         return (r * self._bangle(x, y)).squeeze(-1)
 
     def _bconstraint_error(self, x, r):
-        err = (_rownorm(x) - r).abs().squeeze(-1)
-        c = x - self._center(x)
+        # Euclidean distance to the nearest point r Cx/|Cx|: the normal offset x - Cx and the
+        # radial error |Cx| - r are orthogonal
+        c = self._center(x)
+        err = (_rownorm(c) - r).square()
         if c is not x:
-            err = err + _rownorm(c).squeeze(-1)
-        return err
+            err = err + (x - c).square().sum(-1, keepdim=True)
+        return err.sqrt().squeeze(-1)
 
     def parallel_transp(self, x: torch.Tensor, u: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         r"""Parallel transport of ``v`` along the geodesic :math:`t\mapsto\mathrm{Exp}_x(tu)`

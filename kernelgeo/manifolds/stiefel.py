@@ -118,11 +118,15 @@ class Stiefel(KernelManifold):
       (as cited by Zimmermann & Stoye 2024; Cauchy–Schwarz alone gives :math:`[-1, 1]`, and
       :math:`-\tfrac12` is attained by :math:`U=[a, 0], V=[0, a]` with :math:`a\perp Y`);
       :math:`p=1` is the unit sphere (:math:`K=1`), :math:`n=p` is :math:`O(p)` with a
-      bi-invariant metric (:math:`0\le K = \tfrac14\|[A,C]\|^2\le \tfrac12` by
-      Böttcher–Wenzel);
+      bi-invariant metric, :math:`K = \tfrac14\|[A,C]\|^2` for orthonormal skew :math:`A, C`:
+      :math:`0\le K\le\tfrac14` for :math:`p\ge 4` (Bloch & Iserles 2005:
+      :math:`\|[A,C]\|\le\|A\|\|C\|` for skew matrices; Böttcher–Wenzel alone gives
+      :math:`\tfrac12`), constant :math:`\tfrac18` on :math:`O(3)` (a round
+      :math:`\mathbb{RP}^3`); both extremes are reached numerically by
+      :func:`kernelgeo.analysis.curvature.optimize_curvature`;
     * injectivity radius: :math:`\pi` for :math:`p<n` (Zimmermann & Stoye 2024, "The
       injectivity radius of the compact Stiefel manifold under the Euclidean metric");
-      :math:`\pi\sqrt2` for :math:`O(p)`, :math:`p\ge 2` (our value: :math:`K\le\tfrac12`
+      :math:`\pi\sqrt2` for :math:`O(p)`, :math:`p\ge 2` (our value: :math:`K\le\tfrac14`
       and shortest geodesic loops of length :math:`2\pi\sqrt2`, by Klingenberg's lemma);
     * diameter :math:`\pi\sqrt p` for :math:`p<n` (upper bound: rotate by
       :math:`e^{t\Omega}` with :math:`\|\Omega\|_2\le\pi`; attained by :math:`Y` and
@@ -203,8 +207,8 @@ class Stiefel(KernelManifold):
             return (0.0, 0.0)
         if p == 1:
             return (1.0 / r2, 1.0 / r2)
-        if n == p:
-            return (0.0, 0.5 / r2)
+        if n == p:  # O(p), bi-invariant: K = |[A, C]|^2 / 4 for orthonormal skew A, C
+            return (0.125 / r2, 0.125 / r2) if p == 3 else (0.0, 0.25 / r2)
         return (-0.5 / r2, 1.0 / r2)
 
     def injectivity_radius(self, shape):
