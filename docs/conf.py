@@ -10,8 +10,8 @@ Offline by design: CI reaches PyPI only, so nothing here may need the network to
   ``torch.Tensor`` render as plain (unlinked) code.
 * MathJax is loaded by the reader's browser from its CDN (the build does not fetch it).  To
   view the pages offline set ``KERNELGEO_DOCS_MATHJAX`` to a local copy, e.g.
-  ``file:///usr/share/nodejs/mathjax-full/es5/tex-mml-chtml.js`` (Debian's
-  ``node-mathjax-full``), before building.
+  ``file:///usr/share/javascript/mathjax/MathJax.js?config=TeX-AMS-MML_HTMLorMML`` (Debian's
+  ``libjs-mathjax``, MathJax 2), before building (``docs/screenshots/take.sh`` does).
 """
 
 from __future__ import annotations
@@ -55,23 +55,23 @@ html_title = f"kernelgeo {release}"
 html_static_path = []
 html_theme_options = {"sidebar_hide_name": False}
 
+_MACROS = {
+    "R": r"\mathbb{R}",
+    "St": r"\mathrm{St}",
+    "OB": r"\mathcal{OB}",
+    "Exp": r"\mathrm{Exp}",
+    "Log": r"\mathrm{Log}",
+    "sym": r"\mathrm{sym}",
+    "skew": r"\mathrm{skew}",
+    "tr": r"\operatorname{tr}",
+}
 _mathjax = os.environ.get("KERNELGEO_DOCS_MATHJAX")
 if _mathjax:
     mathjax_path = _mathjax
-mathjax3_config = {
-    "tex": {
-        "macros": {
-            "R": r"\mathbb{R}",
-            "St": r"\mathrm{St}",
-            "OB": r"\mathcal{OB}",
-            "Exp": r"\mathrm{Exp}",
-            "Log": r"\mathrm{Log}",
-            "sym": r"\mathrm{sym}",
-            "skew": r"\mathrm{skew}",
-            "tr": r"\operatorname{tr}",
-        }
-    }
-}
+if _mathjax and "MathJax.js" in _mathjax:  # a local MathJax 2 (Debian's libjs-mathjax)
+    mathjax2_config = {"TeX": {"Macros": _MACROS}}
+else:
+    mathjax3_config = {"tex": {"macros": _MACROS}}
 
 # ----------------------------------------------------------------------- autodoc/numpydoc
 autodoc_default_options = {"members": True, "undoc-members": True, "member-order": "bysource",
