@@ -482,16 +482,18 @@ def _():
     uw, vw = np.zeros((6, 3)), np.zeros((6, 3))
     uw[:, 0], vw[:, 1] = a, a
     _close(float(kcurv.stiefel_curvature(_t(y), _t(uw), _t(vw))), -0.5)
-    # O(p): K = |[A, C]|^2 / 4 in [0, 1/2]
-    q = _stiefel_point(rng, 4, 4)
-    a, c = rng.standard_normal((2, 4, 4))
-    a, c = (a - a.T) / 2, (c - c.T) / 2
-    a /= np.linalg.norm(a)
-    c -= (a * c).sum() * a
-    c /= np.linalg.norm(c)
-    k_on = np.linalg.norm(a @ c - c @ a) ** 2 / 4
-    _close(float(kcurv.stiefel_curvature(_t(q), _t(q @ a), _t(q @ c))), k_on)
-    assert 0 <= k_on <= 0.5
+    # O(p): K = |[A, C]|^2 / 4 in [0, 1/4] (p >= 4), constant 1/8 on O(3)
+    for p_, lo_, hi_ in [(4, 0.0, 0.25), (5, 0.0, 0.25), (3, 0.125, 0.125)]:
+        q = _stiefel_point(rng, p_, p_)
+        a, c = rng.standard_normal((2, p_, p_))
+        a, c = (a - a.T) / 2, (c - c.T) / 2
+        a /= np.linalg.norm(a)
+        c -= (a * c).sum() * a
+        c /= np.linalg.norm(c)
+        k_on = np.linalg.norm(a @ c - c @ a) ** 2 / 4
+        _close(float(kcurv.stiefel_curvature(_t(q), _t(q @ a), _t(q @ c))), k_on)
+        assert Stiefel().curvature_bounds((p_, p_)) == pytest.approx((lo_, hi_))
+        assert lo_ - 1e-12 <= k_on <= hi_ + 1e-12
 
 
 @check("stiefel-inj")
