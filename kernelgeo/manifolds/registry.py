@@ -2,15 +2,15 @@
 
 Names (aliases in brackets name the normalisation method that induces the geometry):
 
-============================  ===================================================
-``euclidean`` (``none``)      no constraint
-``sphere`` (``bn``, ``wn``)   each filter on :math:`S^{n-1}(r)`
-``centered-sphere`` (``cwn``) each filter centred, on :math:`S^{n-2}(r)`
-``oblique``                   unit-norm columns of each 2-D slice
-``oblique-slice``             each 2-D slice on a sphere
-``stiefel`` (``own``)         orthonormal filters, grouped when out > fan-in
-``stiefel-slice``             each 2-D slice on St(kh, kw)
-============================  ===================================================
+================================  ===================================================
+``euclidean`` (``none``)          no constraint
+``sphere`` (``bn``, ``wn``)       each filter on :math:`S^{n-1}(r)`
+``centered-sphere`` (``cwn``)     each filter centred, on :math:`S^{n-2}(r)`
+``oblique``                       unit-norm columns of each 2-D slice
+``oblique-slice``                 each 2-D slice on a sphere
+``stiefel`` (``own``)             orthonormal filters, grouped when out > fan-in
+``stiefel-slice``                 each 2-D slice on St(kh, kw)
+================================  ===================================================
 
 Products: ``<partition>[:<groups>]:<name>+<name>+...`` with partition ``po`` (output
 channels), ``pi`` (input channels) or ``pio`` (both; groups ``AxB``), e.g.

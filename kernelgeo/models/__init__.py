@@ -1,13 +1,13 @@
 """Classification models by name: CIFAR ResNets, wide ResNets, a small ResNet for 8x8 digits,
 and any torchvision classifier.
 
-=============================  ===========================================================
-``resnet20`` ... ``resnet110``  CIFAR ResNet-(6n+2) of He et al. 2016, option-A shortcuts
-``resnet20-b`` ...              the same with option-B (1x1 conv) shortcuts
-``wrn-<d>-<k>``                 wide ResNet WRN-d-k (e.g. ``wrn-16-4``, ``wrn-28-10``)
-``resnet-digits``               8-layer ResNet for 8x8 images (digits): 16/32 channels
-``torchvision:<name>``          ``torchvision.models.get_model(name)``, random init
-=============================  ===========================================================
+================================  ===========================================================
+``resnet20`` ... ``resnet110``    CIFAR ResNet-(6n+2) of He et al. 2016, option-A shortcuts
+``resnet20-b`` ...                the same with option-B (1x1 conv) shortcuts
+``wrn-<d>-<k>``                   wide ResNet WRN-d-k (e.g. ``wrn-16-4``, ``wrn-28-10``)
+``resnet-digits``                 8-layer ResNet for 8x8 images (digits): 16/32 channels
+``torchvision:<name>``            ``torchvision.models.get_model(name)``, random init
+================================  ===========================================================
 
 Geometry is applied afterwards with :func:`kernelgeo.constrain`.
 """
