@@ -77,7 +77,7 @@ def main(argv=None):
                     help="torch CPU threads (1: stable numbers on a shared machine)")
     ap.add_argument("--markdown", default=None, help="append the table to this file")
     a = ap.parse_args(argv)
-    if a.threads:
+    if a.threads and a.device == "cpu":
         torch.set_num_threads(a.threads)
     rows = []
     for mn in a.models:
