@@ -84,6 +84,8 @@ class KernelProduct(KernelManifold):
             if not isinstance(groups, int):
                 raise ValueError(f"partition={partition!r} needs an int number of groups")
             self.grid = (groups, 1) if partition == "out" else (1, groups)
+        if min(self.grid) < 1:
+            raise ValueError(f"group counts must be at least 1, got {groups!r}")
         self.partition = partition
         self.components = torch.nn.ModuleList(comps)
 

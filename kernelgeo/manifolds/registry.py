@@ -64,7 +64,11 @@ def _single(name: str, **kwargs) -> KernelManifold:
         raise ValueError(f"unknown manifold {name!r}; {_valid_msg()}")
     if key == "euclidean":
         return Euclidean()
-    return _FACTORIES[key](**kwargs)
+    try:
+        return _FACTORIES[key](**kwargs)
+    except TypeError as err:
+        raise ValueError(f"manifold {name!r} does not take the option(s) "
+                         f"{sorted(kwargs)}: {err}") from None
 
 
 def _product(spec: str, **kwargs) -> KernelProduct:
