@@ -349,3 +349,43 @@ def test_compiled_training_step_keeps_constraint(spec, gen):
         train_step(x)
     assert not torch.equal(w0, net[0].weight.detach())  # it moved
     assert m.constraint_error(net[0].weight) < 1e-5
+
+
+class _FixedScaling:
+    """Layer multipliers m_l given per parameter (stands in for StepScaling)."""
+
+    def __init__(self, mults):
+        self.mults = mults
+
+    def refresh(self):
+        pass
+
+    def multiplier(self, p):
+        return self.mults[id(p)]
+
+
+@pytest.mark.parametrize("spec", ["oblique", "sphere", "pio:2x2:sphere+oblique"])
+def test_batched_partial_fresh_rows_and_layer_scaling(spec, gen):
+    """Chunks whose members start momentum at different steps, with per-layer multipliers
+    (the SoA oblique path maps both onto its column order) == reference, buffers included."""
+    m, ps = _params(spec, torch.float64, gen)
+    qs = _clone(ps)
+    mults = [torch.tensor(0.5 + 0.25 * i, dtype=torch.float64) for i in range(len(ps))]
+    sa = _FixedScaling({id(p): c for p, c in zip(ps, mults, strict=True)})
+    sb = _FixedScaling({id(q): c for q, c in zip(qs, mults, strict=True)})
+    kw = dict(lr=0.3, momentum=0.9, dampening=0.2)
+    o1 = ConvergentRSGD(ps, radius_scaling=sa, chunk_numel=2000, **kw)
+    o2 = ConvergentRSGD(qs, radius_scaling=sb, batched=False, **kw)
+    for t in range(4):
+        _feed([ps, qs], gen)
+        for p, q in zip(ps[t % 2::2], qs[t % 2::2], strict=True):
+            if t == 0:  # every other parameter joins one step later
+                p.grad = q.grad = None
+        o1.step()
+        o2.step()
+    for a, b in zip(ps, qs, strict=True):
+        assert (a.detach() - b.detach()).abs().max() < 1e-8
+    for a, b in zip(ps[:-1], qs[:-1], strict=True):
+        for ba, bb in zip(o1.state[a]["momentum_blocks"], o2.state[b]["momentum_blocks"],
+                          strict=True):
+            assert (ba - bb).abs().max() < 1e-7

@@ -27,8 +27,21 @@ sphere rows (:class:`~kernelgeo.manifolds.Sphere`, centred sphere, oblique)
     :math:`u = G - \frac{\langle x,G\rangle}{r^2}x` (gradients centred first on the centred
     sphere), exact retraction :math:`x' = r\,y/\|y\|` with :math:`y = x - g\,d`, transport by
     projection in closed form, :math:`B' = B + \frac{c\,g\,\langle d, B\rangle}{r^2}\,x'`
-    with :math:`c = r/\|y\|` (uses :math:`\langle x, B\rangle = 0`).  Oblique columns are
-    updated in the kernel's own layout ``(out*in, k_h, k_w)``, reducing over ``k_h``.
+    with :math:`c = r/\|y\|` (uses :math:`\langle x, B\rangle = 0`).
+oblique columns (structure of arrays)
+    A column has only :math:`a = k_h` entries (``(a, b) = _slice_matrix(shape)``), and eager
+    CPU ops that reduce over, or broadcast along, such a short inner dimension run 10-30x
+    slower than plain elementwise ops.  These chunks therefore copy the kernels (transposing)
+    into a workspace ``(a*b, N)`` (``N = out*in`` summed over the chunk's kernels) whose view
+    ``(a, b*N)`` has entry :math:`k` of every column in row :math:`k`: a column reduction is
+    the sum of :math:`a` contiguous rows, and a per-column scalar ``(1, b*N)`` broadcasts over
+    the outer dimension.  Column :math:`(o, i, j)` of a kernel sits at position
+    :math:`j N + \mathrm{off} + o\cdot\mathrm{in} + i`.  The momentum lives in the same
+    layout in the chunk (the buffer the update works on); the per-parameter state tensors
+    (block shape) are refreshed from it after every step, so ``state``/``state_dict()`` are
+    exact, and the plan (rebuilt by ``load_state_dict`` and re-projection) copies them back
+    in.  Writing into ``state[p]["momentum_blocks"]`` in place between steps is therefore not
+    seen by these chunks; replace the state with ``load_state_dict``.
 Stiefel, QR retraction
     in the row layout :math:`X^\top` (``(G, p, n)``, a view of the kernel):
     :math:`u = G - X\,\mathrm{sym}(X^\top G)/r^2` by one ``baddbmm``, and the QR retraction
@@ -100,11 +113,14 @@ class _Layout:
         self.r = m.radius_of(shape)
         self.transpose = False
         self.center = False
+        self.soa = False
         if kind == "sphere":
             self.center = type(m)._center is not RowSphere._center
-            if isinstance(m, Oblique) and m.per == "column":
+            if isinstance(m, Oblique) and m.per == "column" and not self.center:
                 a, b = _slice_matrix(shape)
-                self.tail, self.dim = (a, b), -2  # reduce over the rows of each slice
+                # gathered/scattered by transposing copies into the SoA workspace (a, b*N)
+                self.tail, self.dim, self.soa = (a * b,), 0, True
+                self.soa_shape = (a, b)
             else:
                 self.tail, self.dim = tuple(m.point_shape(shape)), -1
         elif kind == "stiefel":
@@ -119,7 +135,7 @@ class _Layout:
         else:
             self.tail, self.dim = None, None
         self.key = (kind, type(m).__name__, self.tail, self.dim, self.center, self.r,
-                    getattr(m, "retraction", None))
+                    getattr(m, "retraction", None), self.soa)
 
     def view(self, t: torch.Tensor) -> torch.Tensor:
         if self.kind == "generic":
@@ -168,6 +184,12 @@ class Chunk:
     fresh: torch.Tensor | bool | None = None  # rows whose momentum starts now
     fresh_members: list = field(default_factory=list)
     buf_param: torch.Tensor | None = None  # set when ``buf`` is a copy of the state tensor
+    # structure-of-arrays chunks (oblique columns): workspaces (a*b, N) and copy lists
+    ws_x: torch.Tensor | None = None
+    ws_g: torch.Tensor | None = None
+    soa_cols: list = field(default_factory=list)  # (member, first column, columns)
+    soa_state: tuple = ([], [])  # (state-tensor views, storage views)
+    soa_x: tuple = ([], [])  # (parameter views, workspace views)
 
 
 @dataclass
@@ -209,7 +231,9 @@ def build_group_plan(group: dict, state, *, chunk_numel: int, max_step: float,
             is_view = _shares(v, psub) and lay.kind != "generic" or (
                 lay.kind == "generic" and _shares(v, psub))
             numel = psub.numel()
-            if lay.kind == "generic" or not is_view or numel * 2 >= chunk_numel:
+            # SoA chunks copy in and out anyway: a kernel need not be viewable to join one
+            if lay.kind == "generic" or (not is_view and not lay.soa) or \
+                    numel * 2 >= chunk_numel:
                 consts = rule_constants(group["step_rule"], lay.m, lay.shape,
                                         rho=group["rho"], max_step=max_step)
                 per_row = max(1, numel // max(1, mem.nrows))
@@ -240,6 +264,90 @@ def build_group_plan(group: dict, state, *, chunk_numel: int, max_step: float,
     return GroupPlan(euclid, chunks, foreign)
 
 
+def _rows(mem: Member, lay: _Layout, t: torch.Tensor, block: bool = False) -> torch.Tensor:
+    """Chunk-layout rows of ``mem`` in ``t`` (a parameter, or a tensor in the block's shape)."""
+    v = lay.view(t if block else mem.sub(t))
+    return v if mem.rows is None else v[mem.rows[0]:mem.rows[1]]
+
+
+def attach_soa(chunk: Chunk) -> None:
+    """Allocate the SoA workspaces of an oblique-column chunk (see :func:`gather`)."""
+    lay = chunk.layout
+    p0 = chunk.members[0].param
+    n, cols = 0, []
+    for mem in chunk.members:
+        cols.append((mem, n, mem.nrows))
+        n += mem.nrows
+    chunk.soa_cols = cols
+    chunk.inplace = False
+    kw = dict(dtype=p0.dtype, device=p0.device)
+    chunk.ws_x = torch.empty(lay.tail[0], n, **kw)
+    chunk.ws_g = torch.empty(lay.tail[0], n, **kw)
+    # parameter-side views (any strides) paired with workspace views of the same shape
+    chunk.soa_x = ([_soa_view(mem, lay, mem.param.detach()) for mem, _, _ in cols],
+                   [_ws_view(mem, chunk.ws_x, off, nr) for mem, off, nr in cols])
+
+
+def _soa_view(mem: Member, lay: _Layout, t: torch.Tensor, block: bool = False) -> torch.Tensor:
+    """``t``'s (sub-)kernel of ``mem`` as ``(out, in, *k)`` (whole) or ``(a*b, rows)`` (split);
+    a view of ``t`` whatever its strides, to pair with :func:`_ws_view`.  ``block``: ``t`` is
+    already in the block's shape (momentum buffers)."""
+    if mem.rows is None:
+        return t if block else mem.sub(t)
+    return _rows(mem, lay, t, block).t()
+
+
+def _ws_view(mem: Member, ws: torch.Tensor, off: int, nr: int) -> torch.Tensor:
+    """Columns ``off:off+nr`` of a ``(a*b, N)`` workspace in the shape of :func:`_soa_view`:
+    entry ``(o, i, *k)`` of a kernel sits at row ``flat(k)``, column ``off + o*in + i``."""
+    w = ws[:, off:off + nr]
+    if mem.rows is not None:
+        return w
+    lead, k = mem.shape[:2], mem.shape[2:]
+    nk = len(k)
+    w = w.reshape(*(k or (1,)), *lead)
+    if not k:
+        return w[0]
+    return w.permute(nk, nk + 1, *range(nk))
+
+
+def _attach_soa_momentum(chunk: Chunk, state, new_bufs: dict) -> None:
+    """SoA momentum: the chunk's ``(a*b, N)`` storage is the buffer the update works on; the
+    per-parameter state tensors (parameter shape) are refreshed from it after every step."""
+    lay = chunk.layout
+    a, b = lay.soa_shape
+    storage = torch.zeros_like(chunk.ws_x)
+    fresh_rows, fresh_members, pairs = [], [], ([], [])
+    for mem, off, nr in chunk.soa_cols:
+        blocks = state[mem.param].get("momentum_blocks")
+        if blocks is None or blocks[mem.block] is None:
+            key = (id(mem.param), mem.block)
+            if key not in new_bufs:
+                new_bufs[key] = torch.zeros(mem.shape, dtype=storage.dtype,
+                                            device=storage.device)
+            buf = new_bufs[key]
+            fresh_members.append((mem, buf))
+            fresh_rows.append(torch.ones(nr, dtype=torch.bool))
+        else:
+            buf = blocks[mem.block]
+            if not buf.is_contiguous():  # row ranges of a split block need rows
+                buf = blocks[mem.block] = buf.contiguous()
+            _ws_view(mem, storage, off, nr).copy_(_soa_view(mem, lay, buf, True))
+            fresh_rows.append(torch.zeros(nr, dtype=torch.bool))
+        pairs[0].append(_soa_view(mem, lay, buf, True))
+        pairs[1].append(_ws_view(mem, storage, off, nr))
+    chunk.storage = storage
+    chunk.buf = storage.view(a, -1)
+    chunk.soa_state = pairs
+    chunk.fresh_members = fresh_members
+    if not fresh_members:
+        chunk.fresh = None
+    elif len(fresh_members) == len(chunk.members):
+        chunk.fresh = True
+    else:  # per column of the (a, b*N) view: column j*N + i belongs to slice i
+        chunk.fresh = torch.cat(fresh_rows).repeat(b).view(1, -1).to(storage.device)
+
+
 def attach_momentum(chunk: Chunk, state, new_bufs: dict) -> None:
     """Bind the chunk's momentum buffer to the per-parameter state (creating zeros if new).
 
@@ -248,6 +356,9 @@ def attach_momentum(chunk: Chunk, state, new_bufs: dict) -> None:
     """
     mems = chunk.members
     lay = chunk.layout
+    if lay.soa:
+        _attach_soa_momentum(chunk, state, new_bufs)
+        return
     if len(mems) == 1:
         mem = mems[0]
         st = state[mem.param]
@@ -312,6 +423,12 @@ def commit_fresh(chunk: Chunk, state, nblocks) -> None:
 def gather(chunk: Chunk, grads_of) -> tuple[torch.Tensor, torch.Tensor, bool]:
     """Chunk-layout point ``X`` and gradient ``G``; whether ``X`` is the parameter itself."""
     lay = chunk.layout
+    if lay.soa:  # structure of arrays: entry k of every column in row k (see module doc)
+        gs = [_soa_view(mem, lay, grads_of(mem.param)) for mem, _, _ in chunk.soa_cols]
+        gw = [_ws_view(mem, chunk.ws_g, off, nr) for mem, off, nr in chunk.soa_cols]
+        torch._foreach_copy_(chunk.soa_x[1] + gw, chunk.soa_x[0] + gs)
+        a = lay.soa_shape[0]
+        return chunk.ws_x.view(a, -1), chunk.ws_g.view(a, -1), False
     if len(chunk.members) == 1:
         mem = chunk.members[0]
         x = lay.view(mem.sub(mem.param.detach()))
@@ -327,6 +444,10 @@ def gather(chunk: Chunk, grads_of) -> tuple[torch.Tensor, torch.Tensor, bool]:
 def scatter(chunk: Chunk, x: torch.Tensor) -> None:
     """Write the chunk's new points back into the parameters (unless updated in place)."""
     lay = chunk.layout
+    if lay.soa:  # parameters, then the momentum in the parameters' shape
+        torch._foreach_copy_(chunk.soa_x[0] + chunk.soa_state[0],
+                             chunk.soa_x[1] + chunk.soa_state[1])
+        return
     dst, src, off = [], [], 0
     for mem in chunk.members:
         xs = x[off:off + mem.nrows]
@@ -388,7 +509,8 @@ def _momentum(chunk: Chunk, u: torch.Tensor, h: Hyper) -> torch.Tensor:
         b.mul_(h.momentum).add_(u, alpha=1.0 - h.dampening)
     else:  # some rows start now: B = u there (torch's first-step rule), mu B + (1-d) u elsewhere
         coef = torch.where(chunk.fresh, 1.0, 1.0 - h.dampening).to(u.dtype)
-        coef = coef.view((-1,) + (1,) * (u.dim() - 1))
+        if not chunk.layout.soa:  # SoA masks are stored in their broadcast shape
+            coef = coef.view((-1,) + (1,) * (u.dim() - 1))
         b.mul_(h.momentum).addcmul_(u, coef)
     return torch.add(u, b, alpha=h.momentum) if h.nesterov else b
 

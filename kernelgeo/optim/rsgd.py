@@ -350,6 +350,9 @@ class ConvergentRSGD(RiemannianSGD):
             for group, has in zip(self.param_groups, sig, strict=True):
                 gp = bt.build_group_plan(group, self.state, chunk_numel=self.chunk_numel,
                                          max_step=group["max_step"], has_grad=list(has))
+                for ch in gp.chunks:
+                    if ch.layout.soa:
+                        bt.attach_soa(ch)
                 if group["momentum"]:
                     for ch in gp.chunks:
                         bt.attach_momentum(ch, self.state, new_bufs)
@@ -367,6 +370,8 @@ class ConvergentRSGD(RiemannianSGD):
             return lr * ms[0]
         rows = torch.cat([mm.reshape(1).expand(m.nrows) for mm, m in zip(ms, ch.members,
                                                                            strict=True)])
+        if ch.layout.soa:  # column j*N + i of the (a, b*N) view belongs to slice i
+            return lr * rows.repeat(ch.layout.soa_shape[1]).view(1, -1)
         return lr * rows.view((-1,) + (1,) * (ndim - 1))
 
     def _step_batched(self) -> bool:
