@@ -438,7 +438,10 @@ def gather(chunk: Chunk, grads_of) -> tuple[torch.Tensor, torch.Tensor, bool]:
         return x, g, chunk.inplace and lay.kind != "generic"
     xs = [lay.view(m.sub(m.param.detach())) for m in chunk.members]
     gs = [lay.view(m.sub(grads_of(m.param))) for m in chunk.members]
-    return torch.cat(xs), torch.cat(gs), False
+    if chunk.ws_x is None:  # reused every step: no allocation (nor page faults) per step
+        chunk.ws_x, chunk.ws_g = torch.cat(xs), torch.cat(gs)
+        return chunk.ws_x, chunk.ws_g, False
+    return torch.cat(xs, out=chunk.ws_x), torch.cat(gs, out=chunk.ws_g), False
 
 
 def scatter(chunk: Chunk, x: torch.Tensor) -> None:
@@ -556,34 +559,43 @@ def stiefel_prepare(chunk: Chunk, x, g):
 
 
 def stiefel_apply(chunk: Chunk, x, gt, a, h: Hyper, stats: list | None):
-    """Row-layout Stiefel step; ``x`` is the chunk view, ``gt`` the row-layout gradient."""
+    """Row-layout Stiefel step; ``x`` is the chunk view, ``gt`` the row-layout gradient.
+
+    Returns the new points: written into ``x`` when the chunk works in place on the
+    parameter, else a fresh tensor for :func:`scatter` (saves one copy).
+    """
     lay = chunk.layout
     r2 = lay.r * lay.r
     xt, bt = x, chunk.buf
-    sm = _sym(a) / r2
+    # sym(A)/r^2 = (A + A^T) * (0.5/r^2): the factor goes into the baddbmm's alpha
+    sm = a + a.mT
     fast = h.momentum > 0 and chunk.fresh is None and h.dampening == 0 and not h.nesterov
     if fast:
         torch.add(gt, bt, alpha=h.momentum, out=bt)
-        bt.baddbmm_(sm, xt, alpha=-1.0)
+        bt.baddbmm_(sm, xt, alpha=-0.5 / r2)
         d = bt
     else:
-        u = torch.baddbmm(gt, sm, xt, alpha=-1.0)
+        u = torch.baddbmm(gt, sm, xt, alpha=-0.5 / r2)
         d = _momentum(chunk, u, h) if h.momentum > 0 else u
-    rn = d.square().sum((-1, -2)).clamp_min(0).sqrt()
+    rn = torch.linalg.vector_norm(d, dim=(-1, -2))
     step = step_sizes(h.lr, rn, chunk.consts)
-    m = xt - step.view(-1, 1, 1) * d
-    gram = (m @ m.transpose(-1, -2)) / r2
+    m = torch.addcmul(xt, step.view(-1, 1, 1), d, value=-1.0)
+    gram = torch.bmm(m, m.mT)
+    if r2 != 1.0:
+        gram.div_(r2)
     low = torch.linalg.cholesky_ex(gram)[0]
     # L^{-1} M as (M^T L^{-T})^T: on the transposed views the solve runs on column-major
     # operands without copies (2-3x faster than solving L X = M on row-major M, measured)
     xn = torch.linalg.solve_triangular(low.mT, m.mT, upper=True, left=False).mT
     if h.momentum > 0:
-        c = _sym(xn @ bt.transpose(-1, -2)) / r2
-        bt.baddbmm_(c, xn, alpha=-1.0)
-    xt.copy_(xn)
+        c = torch.bmm(xn, bt.mT)
+        bt.baddbmm_(c + c.mT, xn, alpha=-0.5 / r2)
     if stats is not None:
         stats.append((rn, step, chunk.consts))
-    return x
+    if chunk.inplace:
+        xt.copy_(xn)
+        return x
+    return xn
 
 
 def generic_prepare(chunk: Chunk, x, g, h: Hyper):
