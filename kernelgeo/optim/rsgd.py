@@ -399,12 +399,10 @@ class ConvergentRSGD(RiemannianSGD):
             for i in gp.foreign:
                 checks.append(ps[i].grad)
             prepared.append(items)
-        if checks:
-            norms = torch._foreach_norm(checks)
-            if not bool(torch.isfinite(torch.stack(norms)).all()):
-                bad = self._find_bad()
-                if bad:
-                    return self._nonfinite(bad)
+        if checks and not _all_finite(checks):
+            bad = self._find_bad()
+            if bad:
+                return self._nonfinite(bad)
         self.last_stats = []
         for group, gp, items in zip(self.param_groups, plans, prepared, strict=True):
             self._euclid_foreach(group, [group["params"][i] for i in gp.euclid])
@@ -513,6 +511,20 @@ class ConvergentRSGD(RiemannianSGD):
 
 def _grad(p):
     return p.grad
+
+
+def _all_finite(ts: list[torch.Tensor], small: int = 1 << 14) -> bool:
+    """Whether every entry of ``ts`` is finite, with one synchronisation.
+
+    A sum is finite iff all its terms are (or it overflowed: a false alarm, which only makes
+    the caller look closer).  Small tensors (BN parameters, biases) are summed after one
+    ``cat`` instead of one kernel call each.
+    """
+    little = [t.reshape(-1) for t in ts if t.numel() <= small]
+    sums = [t.sum() for t in ts if t.numel() > small]
+    if little:
+        sums.append(torch.cat(little).sum())
+    return bool(torch.isfinite(torch.stack(sums)).all())
 
 
 def _reproject(m, x):
