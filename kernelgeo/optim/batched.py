@@ -190,6 +190,7 @@ class Chunk:
     soa_cols: list = field(default_factory=list)  # (member, first column, columns)
     soa_state: tuple = ([], [])  # (state-tensor views, storage views)
     soa_x: tuple = ([], [])  # (parameter views, workspace views)
+    scratch: torch.Tensor | None = None  # flat, shared by all chunks: products for dots
 
 
 @dataclass
@@ -309,6 +310,23 @@ def _ws_view(mem: Member, ws: torch.Tensor, off: int, nr: int) -> torch.Tensor:
     if not k:
         return w[0]
     return w.permute(nk, nk + 1, *range(nk))
+
+
+def attach_scratch(chunks: list[Chunk]) -> None:
+    """One flat scratch tensor per dtype/device, as large as the largest row-sphere chunk,
+    shared by those chunks (used and released within one call of :func:`_dot`)."""
+    need: dict = {}
+    for ch in chunks:
+        if ch.kind == "sphere" and ch.layout.dim == -1:
+            p = ch.members[0].param
+            n = sum(m.nrows for m in ch.members) * math.prod(ch.layout.tail)
+            key = (p.dtype, p.device)
+            need[key] = max(need.get(key, 0), n)
+    bufs = {k: torch.empty(n, dtype=k[0], device=k[1]) for k, n in need.items()}
+    for ch in chunks:
+        if ch.kind == "sphere" and ch.layout.dim == -1:
+            p = ch.members[0].param
+            ch.scratch = bufs[(p.dtype, p.device)]
 
 
 def _attach_soa_momentum(chunk: Chunk, state, new_bufs: dict) -> None:
@@ -467,16 +485,26 @@ def scatter(chunk: Chunk, x: torch.Tensor) -> None:
 
 
 # ---------------------------------------------------------------------------------- kernels
-def _dot(a: torch.Tensor, b: torch.Tensor, dim: int) -> torch.Tensor:
-    """Row-wise inner products along ``dim``, keepdim.
+def _dot(a: torch.Tensor, b: torch.Tensor, dim: int, out: torch.Tensor | None = None
+         ) -> torch.Tensor:
+    """Row-wise inner products along ``dim``, keepdim, without a full-size temporary.
 
-    ``(a*b).sum`` beats ``einsum``/``vecdot`` on CPU for rows of tens to thousands of entries;
-    a reduction over a short strided dim (oblique columns of 3 entries) is slow in torch, so it
-    is unrolled into a few adds of slices.
+    ``vecdot`` for rows; for the SoA layout (``dim=0``, a few long contiguous rows) a chain of
+    ``addcmul`` over the rows, which beats ``(a*b).sum(0)``; a reduction over a short strided
+    dim (slow in torch) is unrolled into a few adds of slices.  Full-size temporaries are
+    avoided on purpose: a fresh multi-MB allocation costs page faults on every step; ``out``
+    (flat scratch, at least ``a.numel()``) holds the products of rows when given.
     """
+    if dim == -1 or (dim != 0 and a.shape[dim] > 8):
+        if out is not None and out.numel() >= a.numel():
+            return torch.mul(a, b, out=out[:a.numel()].view(a.shape)).sum(dim, keepdim=True)
+        return torch.linalg.vecdot(a, b, dim=dim).unsqueeze(dim)
+    if dim == 0:
+        out = a[0] * b[0]
+        for k in range(1, a.shape[0]):
+            out.addcmul_(a[k], b[k])
+        return out.unsqueeze(0)
     p = a * b
-    if dim == -1 or p.shape[dim] > 8:
-        return p.sum(dim, keepdim=True)
     parts = p.unbind(dim)
     out = parts[0] + parts[1] if len(parts) > 1 else parts[0].clone()
     for q in parts[2:]:
@@ -485,7 +513,7 @@ def _dot(a: torch.Tensor, b: torch.Tensor, dim: int) -> torch.Tensor:
 
 
 def _norm(a: torch.Tensor, dim: int) -> torch.Tensor:
-    if dim == -1 or a.shape[dim] > 8:
+    if dim == -1 or (dim != 0 and a.shape[dim] > 8):
         return torch.linalg.vector_norm(a, dim=dim, keepdim=True)
     return _dot(a, a, dim).sqrt_()
 
@@ -522,7 +550,7 @@ def sphere_prepare(chunk: Chunk, x, g):
     lay = chunk.layout
     if lay.center:
         g = g - g.mean(-1 if lay.dim == -1 else -2, keepdim=True)
-    return g, _dot(x, g, lay.dim)
+    return g, _dot(x, g, lay.dim, chunk.scratch)
 
 
 def sphere_apply(chunk: Chunk, x, g, s, h: Hyper, stats: list | None):

@@ -108,7 +108,10 @@ class ConvergentRSGD(RiemannianSGD):
     -----
     State per parameter: ``momentum_buffer`` (Euclidean, as in ``torch.optim.SGD``) or
     ``momentum_blocks`` (kernels: one tensor per block of the kernel's manifold, in the
-    block's own shape, tangent at the current point); groups count ``step``.
+    block's own shape, tangent at the current point); groups count ``step``.  The fast path
+    updates most buffers in place through views; for oblique columns it works on a copy in a
+    structure-of-arrays layout and refreshes the state tensors after every step (see
+    :mod:`~kernelgeo.optim.batched`): to change buffers, use :meth:`load_state_dict`.
 
     Examples
     --------
@@ -357,6 +360,7 @@ class ConvergentRSGD(RiemannianSGD):
                     for ch in gp.chunks:
                         bt.attach_momentum(ch, self.state, new_bufs)
                 plans.append(gp)
+            bt.attach_scratch([ch for gp in plans for ch in gp.chunks])
             self._plan, self._plan_sig = plans, sig
         return self._plan
 
