@@ -389,3 +389,22 @@ def test_batched_partial_fresh_rows_and_layer_scaling(spec, gen):
         for ba, bb in zip(o1.state[a]["momentum_blocks"], o2.state[b]["momentum_blocks"],
                           strict=True):
             assert (ba - bb).abs().max() < 1e-7
+
+
+@pytest.mark.parametrize("spec", ["oblique", "sphere", "stiefel"])
+def test_batched_follows_replaced_parameter_storage(spec, gen):
+    """The plan caches views of the parameters; ``p.data = ...`` must not leave them stale."""
+    m, ps = _params(spec, torch.float64, gen)
+    qs = _clone(ps)
+    o1 = ConvergentRSGD(ps, lr=0.3, momentum=0.9, chunk_numel=2000)
+    o2 = ConvergentRSGD(qs, lr=0.3, momentum=0.9, batched=False)
+    for t in range(4):
+        if t == 2:
+            for p, q in zip(ps, qs, strict=True):
+                p.data = p.data.clone()
+                q.data = q.data.clone()
+        _feed([ps, qs], gen)
+        o1.step()
+        o2.step()
+    for a, b in zip(ps, qs, strict=True):
+        assert (a.detach() - b.detach()).abs().max() < 1e-10

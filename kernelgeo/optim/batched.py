@@ -191,6 +191,8 @@ class Chunk:
     soa_state: tuple = ([], [])  # (state-tensor views, storage views)
     soa_x: tuple = ([], [])  # (parameter views, workspace views)
     scratch: torch.Tensor | None = None  # flat, shared by all chunks: products for dots
+    x_views: list | None = None  # chunk-layout views of the members' parameters
+    scatter_to: list | None = None  # parameter views that scatter copies into (None: reshape)
 
 
 @dataclass
@@ -454,7 +456,9 @@ def gather(chunk: Chunk, grads_of) -> tuple[torch.Tensor, torch.Tensor, bool]:
         if mem.rows is not None:
             x, g = x[mem.rows[0]:mem.rows[1]], g[mem.rows[0]:mem.rows[1]]
         return x, g, chunk.inplace and lay.kind != "generic"
-    xs = [lay.view(m.sub(m.param.detach())) for m in chunk.members]
+    if chunk.x_views is None:  # valid while the plan is: it is rebuilt if a storage changes
+        chunk.x_views = [lay.view(m.sub(m.param.detach())) for m in chunk.members]
+    xs = chunk.x_views
     gs = [lay.view(m.sub(grads_of(m.param))) for m in chunk.members]
     if chunk.ws_x is None:  # reused every step: no allocation (nor page faults) per step
         chunk.ws_x, chunk.ws_g = torch.cat(xs), torch.cat(gs)
@@ -469,17 +473,20 @@ def scatter(chunk: Chunk, x: torch.Tensor) -> None:
         torch._foreach_copy_(chunk.soa_x[0] + chunk.soa_state[0],
                              chunk.soa_x[1] + chunk.soa_state[1])
         return
-    dst, src, off = [], [], 0
-    for mem in chunk.members:
-        xs = x[off:off + mem.nrows]
-        off += mem.nrows
-        psub = mem.sub(mem.param.detach())
-        v = lay.view(psub)
-        if _shares(v, psub) and mem.rows is None:
+    if chunk.scatter_to is None:  # (member index, parameter view or None), cached per plan
+        chunk.scatter_to = []
+        for mem in chunk.members:
+            psub = mem.sub(mem.param.detach())
+            v = lay.view(psub)
+            chunk.scatter_to.append(v if _shares(v, psub) and mem.rows is None else None)
+    parts = x.split([mem.nrows for mem in chunk.members])
+    dst, src = [], []
+    for mem, v, xs in zip(chunk.members, chunk.scatter_to, parts, strict=True):
+        if v is not None:
             dst.append(v)
             src.append(xs)
         else:
-            psub.copy_(lay.to_shape(xs, mem.shape))
+            mem.sub(mem.param.detach()).copy_(lay.to_shape(xs, mem.shape))
     if dst:
         torch._foreach_copy_(dst, src)
 

@@ -343,7 +343,9 @@ class ConvergentRSGD(RiemannianSGD):
 
     # -------------------------------------------------------------- batched path
     def _signature(self):
-        return tuple(tuple(p.grad is not None for p in g["params"]) for g in self.param_groups)
+        # the plan caches views of the parameters: a new storage (``p.data = ...``) rebuilds it
+        return tuple(tuple((p.grad is not None, p.data_ptr()) for p in g["params"])
+                     for g in self.param_groups)
 
     def _get_plan(self):
         sig = self._signature()
@@ -352,7 +354,8 @@ class ConvergentRSGD(RiemannianSGD):
             new_bufs: dict = {}
             for group, has in zip(self.param_groups, sig, strict=True):
                 gp = bt.build_group_plan(group, self.state, chunk_numel=self.chunk_numel,
-                                         max_step=group["max_step"], has_grad=list(has))
+                                         max_step=group["max_step"],
+                                         has_grad=[h for h, _ in has])
                 for ch in gp.chunks:
                     if ch.layout.soa:
                         bt.attach_soa(ch)
