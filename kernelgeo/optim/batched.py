@@ -188,8 +188,8 @@ class Chunk:
     ws_x: torch.Tensor | None = None
     ws_g: torch.Tensor | None = None
     soa_cols: list = field(default_factory=list)  # (member, first column, columns)
-    soa_state: tuple = ([], [])  # (state-tensor views, storage views)
-    soa_x: tuple = ([], [])  # (parameter views, workspace views)
+    soa_state: tuple = field(default_factory=lambda: ([], []))  # (state views, storage views)
+    soa_x: tuple = field(default_factory=lambda: ([], []))  # (parameter views, ws views)
     scratch: torch.Tensor | None = None  # flat, shared by all chunks: products for dots
     x_views: list | None = None  # chunk-layout views of the members' parameters
     scatter_to: list | None = None  # parameter views that scatter copies into (None: reshape)
