@@ -209,7 +209,9 @@ def constrain(model: nn.Module, spec: Spec, *, on_invalid: str = "raise",
             if manifold is None:
                 continue
             w = mod.weight
-            target = manifold.projx(w.detach())
+            # contiguous: some layouts (oblique columns) come back transposed, and a strided
+            # weight slows both the convolution and the optimizer
+            target = manifold.projx(w.detach()).contiguous()
             scale = float(w.detach().norm()) or 1.0
             entry.moved = float((target - w.detach()).norm()) / scale
             new = ManifoldParameter(target, manifold=manifold, requires_grad=w.requires_grad)

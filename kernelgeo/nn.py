@@ -38,7 +38,8 @@ class ManifoldConvMixin:
             return
         self.manifold = m
         with torch.no_grad():
-            self.weight = ManifoldParameter(m.projx(self.weight.detach()), manifold=m)
+            self.weight = ManifoldParameter(m.projx(self.weight.detach()).contiguous(),
+                                            manifold=m)
 
     def reset_parameters(self) -> None:
         super().reset_parameters()
