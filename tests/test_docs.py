@@ -779,6 +779,9 @@ Machine: **CPU** x86_64, torch 2.14; command `python bench/optimizer_step.py --n
 
 - a bullet with *emphasis*, a [link](https://example.org), a snake_case_name, 2*3=6
   continued on a second line
+  and on a third line
+* **a star bullet**: then a paragraph right after the list
+without a blank line
 - see [the report](report.md) and ![plot](loss.png)
 
 1. a numbered line
@@ -807,5 +810,6 @@ def test_markdown_include_renders_without_warnings():
     tree = publish_doctree(rst, settings_overrides={"halt_level": 2, "report_level": 2,
                                                     "warning_stream": False})
     text = tree.astext()
-    for snippet in ("stiefel_qr", "snake_case_name", "2*3=6", "make bench", "a | b"):
+    for snippet in ("stiefel_qr", "snake_case_name", "2*3=6", "make bench", "a | b",
+                    "on a third line", "without a blank line"):
         assert snippet in text

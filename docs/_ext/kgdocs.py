@@ -132,6 +132,7 @@ def md_to_rst(md: str, *, top_level: int = 1) -> str:
     """
     lines = md.replace("\r\n", "\n").split("\n")
     out: list[str] = []
+    item_indent = None  # indentation of the text of the open bullet item, if any
     i = 0
     while i < len(lines):
         line = lines[i]
@@ -167,6 +168,7 @@ def md_to_rst(md: str, *, top_level: int = 1) -> str:
             if out and out[-1].strip() and not re.match(r"^\s*- ", out[-1]):
                 out.append("")
             out.append(f"{indent}- {inline_md_to_rst(b.group(2))}")
+            item_indent = indent + "  "
             i += 1
             continue
         if re.fullmatch(r"\s*([-*_])(\s*\1){2,}\s*", line):  # horizontal rule
@@ -175,11 +177,15 @@ def md_to_rst(md: str, *, top_level: int = 1) -> str:
             continue
         if not line.strip():
             out.append("")
+            item_indent = None
+        elif item_indent is not None and line.startswith(" "):
+            # a continuation line of a (possibly multi-line) bullet item
+            out.append(item_indent + inline_md_to_rst(line.strip()))
         else:
-            if out and re.match(r"^\s*- ", out[-1]) and not line.startswith(" "):
+            if item_indent is not None:  # text after a list needs a blank line in reST
                 out.append("")
-            prefix = "  " if out and re.match(r"^\s*- ", out[-1]) and line.startswith(" ") else ""
-            out.append(prefix + inline_md_to_rst(line.strip()))
+                item_indent = None
+            out.append(inline_md_to_rst(line.strip()))
         i += 1
     return "\n".join(out) + "\n"
 
