@@ -14,6 +14,7 @@ markup errors (which ``-W`` would turn into a failed build).
 from __future__ import annotations
 
 import glob
+import os
 import re
 from pathlib import Path
 
@@ -119,7 +120,7 @@ def _table(lines: list[str]) -> list[str]:
     return out
 
 
-def md_to_rst(md: str, *, top_level: int = 1) -> str:
+def md_to_rst(md: str, *, top_level: int = 1, image_dir: str | None = None) -> str:
     """Convert Markdown text to reST.
 
     Parameters
@@ -129,6 +130,10 @@ def md_to_rst(md: str, *, top_level: int = 1) -> str:
     top_level : int
         reST section level that a Markdown ``#`` heading maps to (1 = the page's
         sub-sections, underlined with ``-``); deeper Markdown levels map below it.
+    image_dir : str, optional
+        Directory, relative to the including document, of the Markdown file: a line that is
+        only an image ``![alt](file.png)`` with a relative path becomes an ``image``
+        directive pointing there (without it, images stay text).
     """
     lines = md.replace("\r\n", "\n").split("\n")
     out: list[str] = []
@@ -146,6 +151,15 @@ def md_to_rst(md: str, *, top_level: int = 1) -> str:
                 i += 1
             i += 1
             out += [f".. code:: {lang}", ""] + ["   " + b for b in body] + [""]
+            continue
+        img = re.fullmatch(r"\s*!\[([^\]]*)\]\(([\w./-]+\.(?:png|jpg|jpeg|svg|gif))\)\s*",
+                           line)
+        if img and image_dir is not None and not img.group(2).startswith("/") \
+                and ".." not in img.group(2):
+            alt = img.group(1).replace("\n", " ") or img.group(2)
+            out += ["", f".. image:: {image_dir}/{img.group(2)}", f"   :alt: {alt}", ""]
+            item_indent = None
+            i += 1
             continue
         h = re.match(r"^(#{1,6})\s+(.*?)\s*#*\s*$", line)
         if h:
@@ -210,8 +224,10 @@ class MarkdownInclude(Directive):
         out = []
         for path in dict.fromkeys(paths):
             env.note_dependency(str(path))
+            docdir = Path(env.doc2path(env.docname)).parent
             rst = md_to_rst(path.read_text(encoding="utf-8"),
-                            top_level=self.options.get("top-level", 1))
+                            top_level=self.options.get("top-level", 1),
+                            image_dir=os.path.relpath(path.parent, docdir).replace(os.sep, "/"))
             node = nodes.section()
             node.document = self.state.document
             nested_parse_with_titles(self.state, StringList(rst.split("\n"), source=str(path)),
