@@ -23,7 +23,8 @@ with warnings.catch_warnings():
     from geoopt.manifolds.base import Manifold  # noqa: F401
     from geoopt.optim import RiemannianSGD  # noqa: F401
 
-__all__ = ["geoopt", "Manifold", "ManifoldParameter", "ManifoldTensor", "RiemannianSGD", "geomstats"]
+__all__ = ["geoopt", "Manifold", "ManifoldParameter", "ManifoldTensor", "RiemannianSGD",
+           "geomstats"]
 
 
 @contextlib.contextmanager

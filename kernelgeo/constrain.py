@@ -278,7 +278,8 @@ def _project_off_manifold(module: nn.Module) -> dict[str, float]:
     with torch.no_grad():
         for name, p in manifold_parameters(module):
             err = p.manifold.constraint_error(p)
-            if err > _LOAD_TOL * max(1.0, float(p.detach().abs().max())) and torch.isfinite(p).all():
+            tol = _LOAD_TOL * max(1.0, float(p.detach().abs().max()))
+            if err > tol and torch.isfinite(p).all():
                 moved[name] = err
                 p.copy_(p.manifold.projx(p))
     return moved

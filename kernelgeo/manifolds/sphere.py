@@ -186,7 +186,8 @@ class CenteredSphere(Sphere):
     The geometry of centred weight normalisation (Huang et al. 2017): a great sphere
     :math:`S^{n-2}(r)` inside the hyperplane orthogonal to the all-ones vector.  Its geometry is
     that of the sphere with every vector first projected onto the hyperplane:
-    :math:`P_x(u) = Cu - \langle x, Cu\rangle x / r^2` with :math:`C = I - \mathbf 1\mathbf 1^\top/n`.
+    :math:`P_x(u) = Cu - \langle x, Cu\rangle x / r^2` with
+    :math:`C = I - \mathbf 1\mathbf 1^\top/n`.
 
     Notes
     -----
