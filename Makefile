@@ -32,7 +32,7 @@ test-fast: $(STAMP)
 	OMP_NUM_THREADS=1 $(PY) -m pytest -q -x -m "not slow"
 
 lint: $(STAMP)
-	$(VENV)/bin/ruff check kernelgeo tests bench analysis
+	$(VENV)/bin/ruff check kernelgeo tests bench analysis docs/_ext
 
 docs: $(STAMP)
 	$(PY) -m sphinx -W --keep-going -b html -j 1 docs docs/_build/html
