@@ -188,3 +188,21 @@ def test_retr_with_huge_step_does_not_overflow(name):
     u = m.random_tangent(x, generator=gen)
     y = m.retr(x, 1e20 * u / u.abs().max())
     assert torch.isfinite(y).all() and m.constraint_error(y) < 1e-4
+
+
+@pytest.mark.parametrize("name", ["sphere", "centered-sphere", "oblique", "oblique-slice",
+                                  "euclidean", "pio:2x2:sphere+oblique"])
+def test_dist_gradient_at_coincident_points_is_finite(name):
+    m = get_manifold(name)
+    x = m.random((4, 4, 3, 3), dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    y = x.clone().requires_grad_(True)
+    d = m.dist(x, y)
+    d.backward()
+    assert float(d.detach()) == 0.0
+    assert torch.isfinite(y.grad).all()
+    # and away from the diagonal the gradient is the unit vector -Log_y(x)/d (first variation)
+    y2 = m.expmap(x, 0.3 * m.random_tangent(x, generator=torch.Generator().manual_seed(1)))
+    y2 = y2.detach().requires_grad_(True)
+    m.dist(x, y2).backward()
+    want = -m.logmap(y2.detach(), x) / m.dist(x, y2.detach())
+    torch.testing.assert_close(m.proju(y2.detach(), y2.grad), want, rtol=1e-6, atol=1e-8)

@@ -24,6 +24,12 @@ from .._compat import Manifold
 __all__ = ["KernelManifold", "KernelShapeError", "radius_for_shape"]
 
 
+def _safe_sqrt(t: torch.Tensor) -> torch.Tensor:
+    """``sqrt`` whose gradient at 0 is 0 instead of NaN (distances at coincident points)."""
+    pos = t > 0
+    return torch.where(pos, t.clamp_min(torch.finfo(t.dtype).tiny).sqrt(), 0.0)
+
+
 class KernelShapeError(ValueError):
     """A kernel tensor cannot hold the requested manifold (names shape and reason)."""
 
@@ -286,7 +292,7 @@ class KernelManifold(Manifold):
 
     def dist(self, x: torch.Tensor, y: torch.Tensor, *, keepdim: bool = False) -> torch.Tensor:
         """Geodesic distance of the product: :math:`\\sqrt{\\sum_k d_k^2}`."""
-        d = self.component_dist(x, y).pow(2).sum().sqrt()
+        d = _safe_sqrt(self.component_dist(x, y).pow(2).sum())
         return d.reshape((1,) * x.dim()) if keepdim else d
 
     def dist2(self, x, y, *, keepdim=False):

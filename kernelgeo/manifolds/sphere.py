@@ -25,7 +25,7 @@ from collections.abc import Sequence
 
 import torch
 
-from .base import KernelManifold, KernelShapeError
+from .base import KernelManifold, KernelShapeError, _safe_sqrt
 
 __all__ = ["RowSphere", "Sphere", "CenteredSphere"]
 
@@ -114,7 +114,10 @@ class RowSphere(KernelManifold):
         return r * y / _rownorm(y)
 
     def _bangle(self, x, y):
-        return 2.0 * torch.atan2(_rownorm(x - y), _rownorm(x + y))
+        # the chord's norm through a safe sqrt: d(x, y) is not differentiable at y = x, and
+        # its zero subgradient there is better than NaN in an autograd graph
+        chord = _safe_sqrt((x - y).square().sum(-1, keepdim=True))
+        return 2.0 * torch.atan2(chord, _rownorm(x + y))
 
     def _blogmap(self, x, y, r):
         theta = self._bangle(x, y)
