@@ -77,7 +77,9 @@ class BasicBlock(nn.Module):
         return F.relu(out + self.shortcut(x))
 
 
-def _init(model: nn.Module) -> None:
+def _init(model: nn.Module, *, linear_weight: bool = True) -> None:
+    """Kaiming-normal convolutions (fan-out), unit/zero batch norm, zero linear bias; the
+    linear weight Kaiming-normal too unless ``linear_weight=False`` (torch's default kept)."""
     for m in model.modules():
         if isinstance(m, nn.Conv2d):
             nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
@@ -85,7 +87,8 @@ def _init(model: nn.Module) -> None:
             nn.init.ones_(m.weight)
             nn.init.zeros_(m.bias)
         elif isinstance(m, nn.Linear):
-            nn.init.kaiming_normal_(m.weight)
+            if linear_weight:
+                nn.init.kaiming_normal_(m.weight)
             nn.init.zeros_(m.bias)
 
 
