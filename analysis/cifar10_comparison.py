@@ -124,7 +124,7 @@ def main(argv=None) -> int:
              f"{args.weight_decay} on Euclidean parameters only, none on manifold kernels.\n\n"
              + PAPER_NOTE)
     report = write_report(out, summaries, args.geometries, base, dataset_label=DATA_LABEL,
-                          title=f"ResNet-20 on {DATA_LABEL}: kernel geometries", command=command,
+                          title="ResNet-20 kernel geometries", command=command,
                           notes=notes)
     print(f"\n{report.read_text().split('## Settings')[0]}\nreport: {report} "
           f"({time.perf_counter() - t0:.0f} s)")
