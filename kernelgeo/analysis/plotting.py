@@ -22,6 +22,14 @@ def _plt():
     return plt
 
 
+def _save(fig, path: str | Path) -> Path:
+    """Write ``fig`` to ``path`` and release it (figures are never shown)."""
+    path = Path(path)
+    fig.savefig(path, dpi=80)
+    _plt().close(fig)
+    return path
+
+
 def _log_loss(z: np.ndarray) -> np.ndarray:
     # losses span decades away from the minimum; log10 keeps the basin visible
     return np.log10(np.clip(z, 1e-8, None))
@@ -78,10 +86,7 @@ def plot_slices(slices: Mapping[str, object], path: str | Path, *, title: str = 
                  label="log10 loss" if log else "loss")
     if title:
         fig.suptitle(title)
-    path = Path(path)
-    fig.savefig(path, dpi=80)
-    plt.close(fig)
-    return path
+    return _save(fig, path)
 
 
 def plot_curves_1d(curves: Mapping[str, Mapping[str, np.ndarray]], path: str | Path, *,
@@ -104,10 +109,7 @@ def plot_curves_1d(curves: Mapping[str, Mapping[str, np.ndarray]], path: str | P
     if title:
         fig.suptitle(title)
     fig.tight_layout()
-    path = Path(path)
-    fig.savefig(path, dpi=80)
-    plt.close(fig)
-    return path
+    return _save(fig, path)
 
 
 def plot_bars(values: Mapping[str, Sequence[float]], labels: Sequence[str], path: str | Path,
@@ -128,10 +130,7 @@ def plot_bars(values: Mapping[str, Sequence[float]], labels: Sequence[str], path
     if title:
         ax.set_title(title)
     fig.tight_layout()
-    path = Path(path)
-    fig.savefig(path, dpi=80)
-    plt.close(fig)
-    return path
+    return _save(fig, path)
 
 
 def image_variance(path: str | Path) -> float:
