@@ -122,3 +122,16 @@ def table(rows: list[list], header: list[str]) -> str:
     out = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     out += ["| " + " | ".join(str(c) for c in r) + " |" for r in rows]
     return "\n".join(out)
+
+
+def publish(rows: list[list], header: list[str], *, heading: str, script: str,
+            argv: list[str], markdown: str | None) -> None:
+    """Print the table; with ``markdown``, append it under ``heading`` with date, machine and
+    the command that produced it (the format of ``bench/RESULTS.md``)."""
+    md = table(rows, header)
+    print()
+    print(md)
+    if markdown:
+        with open(markdown, "a") as f:
+            f.write(f"\n### {heading}\n\n{now()}; {machine()}\n\n"
+                    f"`python bench/{script} {' '.join(argv)}`\n\n{md}\n")

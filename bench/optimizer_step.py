@@ -21,9 +21,7 @@ from bench.common import (  # noqa: E402
     build_model,
     constrain_model,
     fill_grads,
-    machine,
-    now,
-    table,
+    publish,
     timeit,
 )
 from kernelgeo._compat import geoopt  # noqa: E402
@@ -82,14 +80,9 @@ def main(argv=None):
     rows = []
     for mn in a.models:
         rows += measure(mn, a.manifolds, a.device, a.momentum, a.repeat, a.number, rule=a.rule)
-    md = table(rows, HEADER)
-    print()
-    print(md)
-    if a.markdown:
-        with open(a.markdown, "a") as f:
-            f.write(f"\n### Optimizer step ({a.device}, momentum {a.momentum}, rule {a.rule})\n\n"
-                    f"{now()}; {machine()}\n\n`python bench/optimizer_step.py "
-                    f"{' '.join(argv or sys.argv[1:])}`\n\n{md}\n")
+    publish(rows, HEADER, heading=f"Optimizer step ({a.device}, momentum {a.momentum}, "
+            f"rule {a.rule})", script="optimizer_step.py", argv=argv or sys.argv[1:],
+            markdown=a.markdown)
     return rows
 
 

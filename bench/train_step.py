@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from bench.common import build_model, constrain_model, machine, now, table, timeit  # noqa: E402
+from bench.common import build_model, constrain_model, publish, timeit  # noqa: E402
 from kernelgeo._compat import geoopt  # noqa: E402
 from kernelgeo.optim import ConvergentRSGD  # noqa: E402
 
@@ -74,13 +74,8 @@ def main(argv=None):
     if a.threads:
         torch.set_num_threads(a.threads)
     rows = measure(a.model, a.manifolds, a.device, a.batch, a.repeat, a.number)
-    md = table(rows, HEADER)
-    print()
-    print(md)
-    if a.markdown:
-        with open(a.markdown, "a") as f:
-            f.write(f"\n### Training step ({a.device})\n\n{now()}; {machine()}\n\n"
-                    f"`python bench/train_step.py {' '.join(argv or sys.argv[1:])}`\n\n{md}\n")
+    publish(rows, HEADER, heading=f"Training step ({a.device})", script="train_step.py",
+            argv=argv or sys.argv[1:], markdown=a.markdown)
     return rows
 
 
