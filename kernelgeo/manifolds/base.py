@@ -292,10 +292,10 @@ class KernelManifold(Manifold):
 
     def dist(self, x: torch.Tensor, y: torch.Tensor, *, keepdim: bool = False) -> torch.Tensor:
         """Geodesic distance of the product: :math:`\\sqrt{\\sum_k d_k^2}`."""
-        d = _safe_sqrt(self.component_dist(x, y).pow(2).sum())
-        return d.reshape((1,) * x.dim()) if keepdim else d
+        return _safe_sqrt(self.dist2(x, y, keepdim=keepdim))
 
     def dist2(self, x, y, *, keepdim=False):
+        r"""Squared geodesic distance :math:`\sum_k d_k^2`."""
         d = self.component_dist(x, y).pow(2).sum()
         return d.reshape((1,) * x.dim()) if keepdim else d
 
