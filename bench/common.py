@@ -75,7 +75,10 @@ def constrain_model(model: nn.Module, spec: str) -> nn.Module:
 def fill_grads(model: nn.Module, seed: int = 0) -> None:
     g = torch.Generator(device="cpu").manual_seed(seed)
     for p in model.parameters():
-        p.grad = (torch.randn(p.shape, generator=g) * 1e-2).to(p.device, p.dtype)
+        v = (torch.randn(p.shape, generator=g) * 1e-2).to(p.device, p.dtype)
+        # in the parameter's memory layout, as autograd's AccumulateGrad makes it (oblique
+        # kernels, for instance, are stored with their last two dimensions swapped)
+        p.grad = torch.empty_like(p.detach()).copy_(v)
 
 
 def timeit(fn, *, repeat: int = 7, number: int = 5, sync=None) -> float:

@@ -62,7 +62,7 @@ from ..manifolds import Euclidean, KernelManifold, KernelProduct, Oblique, RowSp
 from ..manifolds.oblique import _slice_matrix
 from .step_rules import RuleConstants, rule_constants, step_sizes
 
-__all__ = ["Member", "Chunk", "GroupPlan", "build_group_plan", "classify"]
+__all__ = ["Member", "Chunk", "NativeMember", "GroupPlan", "build_group_plan", "classify"]
 
 
 # ----------------------------------------------------------------------------- classification
@@ -196,16 +196,81 @@ class Chunk:
 
 
 @dataclass
+class NativeMember:
+    """A whole kernel updated in place by the fused CPU kernel (:mod:`~kernelgeo.optim.native`):
+    ``nblk`` blocks of ``a*s`` entries, component ``(blk, j)`` = entries ``k*s + j``."""
+
+    param: torch.Tensor
+    index: int
+    layout: _Layout
+    consts: RuleConstants
+    nblk: int
+    a: int
+    s: int
+    buf: torch.Tensor | None = None  # momentum, the parameter's shape, contiguous
+    fresh: bool = False  # ``buf`` is new: published in the state after the first step
+
+    @property
+    def ncomp(self) -> int:
+        return self.nblk * self.s
+
+
+@dataclass
 class GroupPlan:
     euclid: list[int]  # indices of Euclidean params in the group
     chunks: list[Chunk]
     foreign: list[int]
+    native: list[NativeMember] = field(default_factory=list)
+
+
+def _dense(t: torch.Tensor) -> bool:
+    """Non-overlapping and dense: the entries fill ``numel`` consecutive memory slots."""
+    expect = 1
+    for st, sz in sorted((st, sz) for st, sz in zip(t.stride(), t.shape, strict=True)
+                         if sz != 1):
+        if st != expect:
+            return False
+        expect *= sz
+    return True
+
+
+def _native_shape(lay: _Layout, p: torch.Tensor) -> tuple[int, int, int] | None:
+    """``(nblk, a, s)`` of a whole kernel for the fused CPU kernel, or None if it does not fit.
+
+    Memory layouts accepted (the gradient and buffer are given the parameter's strides):
+    rows (spheres, oblique slices): every row is one contiguous segment, in any inner order
+    (row sums do not depend on it: contiguous and channels-last kernels qualify); oblique
+    columns: contiguous kernels (column = stride ``s`` in each ``a*s`` block) or kernels whose
+    last two dimensions are swapped in memory (columns contiguous: rows of length ``a``).
+    """
+    if lay.kind != "sphere" or p.device.type != "cpu" or p.numel() == 0 or \
+            p.dtype not in (torch.float32, torch.float64) or not _dense(p):
+        return None
+    if lay.soa:
+        a, s = lay.soa_shape
+        if p.is_contiguous():
+            pass
+        elif p.dim() == 4 and p.transpose(2, 3).is_contiguous():
+            a, s = a, 1  # columns are contiguous: the rows kernel, nblk = out*in*k_w
+        else:
+            return None
+    elif lay.dim == -1:
+        a, s = math.prod(lay.tail), 1
+        whole_rows = a == math.prod(p.shape[1:]) and (p.shape[0] == 1 or p.stride(0) == a)
+        if not (p.is_contiguous() or whole_rows):
+            return None
+    else:
+        return None
+    if s > 64 or p.numel() % (a * s):
+        return None
+    return p.numel() // (a * s), a, s
 
 
 def build_group_plan(group: dict, state, *, chunk_numel: int, max_step: float,
-                     has_grad: list[bool]) -> GroupPlan:
-    """Split a param group's parameters with a gradient into Euclidean and chunked kernels."""
-    euclid, foreign = [], []
+                     has_grad: list[bool], native: bool = False) -> GroupPlan:
+    """Split a param group's parameters with a gradient into Euclidean and chunked kernels
+    (and whole sphere-like kernels for the fused CPU kernel when ``native``)."""
+    euclid, foreign, nat = [], [], []
     by_key: dict[tuple, list[tuple[_Layout, Member]]] = {}
     for i, p in enumerate(group["params"]):
         if not has_grad[i]:
@@ -222,6 +287,12 @@ def build_group_plan(group: dict, state, *, chunk_numel: int, max_step: float,
             bidx = None if bidx is None or len(blocks) == 1 else bidx
             shape = tuple(p.shape) if bidx is None else KernelProduct._sub(p.shape, bidx)
             lay = _Layout(_kind(bm), bm, shape)
+            ns = _native_shape(lay, p) if native and bidx is None else None
+            if ns is not None:
+                consts = rule_constants(group["step_rule"], lay.m, lay.shape,
+                                        rho=group["rho"], max_step=max_step)
+                nat.append(NativeMember(p, i, lay, consts, *ns))
+                continue
             key = (lay.key, p.dtype, p.device)
             by_key.setdefault(key, []).append((lay, Member(p, i, b, bidx, shape)))
     chunks = []
@@ -264,7 +335,7 @@ def build_group_plan(group: dict, state, *, chunk_numel: int, max_step: float,
             if mem is not None:
                 cur.append((lay, mem))
                 size += numel
-    return GroupPlan(euclid, chunks, foreign)
+    return GroupPlan(euclid, chunks, foreign, nat)
 
 
 def _rows(mem: Member, lay: _Layout, t: torch.Tensor, block: bool = False) -> torch.Tensor:
@@ -427,6 +498,21 @@ def attach_momentum(chunk: Chunk, state, new_bufs: dict) -> None:
         chunk.fresh = True
     else:
         chunk.fresh = torch.cat(fresh_rows).to(p0.device)
+
+
+def attach_native_momentum(nm: NativeMember, state, new_bufs: dict) -> None:
+    """The state tensor itself is the buffer the fused kernel updates (the parameter's strides)."""
+    blocks = state[nm.param].get("momentum_blocks")
+    if blocks is None or blocks[0] is None:
+        key = (id(nm.param), 0)
+        if key not in new_bufs:
+            new_bufs[key] = torch.zeros_like(nm.param.detach())  # the parameter's strides
+        nm.buf, nm.fresh = new_bufs[key], True
+    else:
+        buf = blocks[0]
+        if buf.stride() != nm.param.stride() or buf.dtype != nm.param.dtype:
+            buf = blocks[0] = torch.empty_like(nm.param.detach()).copy_(buf)
+        nm.buf, nm.fresh = buf, False
 
 
 def commit_fresh(chunk: Chunk, state, nblocks) -> None:

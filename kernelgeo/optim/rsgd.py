@@ -40,6 +40,7 @@ from .._compat import RiemannianSGD
 from ..manifolds import KernelProduct, Stiefel
 from ..manifolds.stiefel import _qf
 from . import batched as bt
+from . import native as _native
 from .schedules import check_robbins_monro
 from .step_rules import RULES, rule_constants, step_sizes
 
@@ -103,6 +104,12 @@ class ConvergentRSGD(RiemannianSGD):
         :class:`RobbinsMonroLR` registers itself).
     chunk_numel : int
         Size of the batched chunks of the fast path (see :mod:`~kernelgeo.optim.batched`).
+    native : bool or None
+        Fused CPU kernels (:mod:`~kernelgeo.optim.native`) for whole sphere, centred-sphere
+        and oblique kernels on the CPU in float32/float64 (one pass per row or column, no
+        copies): ``None`` (default) uses them when they can be compiled, ``True`` requires
+        them (``RuntimeError`` otherwise), ``False`` never uses them.  Same iterates as the
+        torch path up to rounding (tested).
 
     Notes
     -----
@@ -129,7 +136,8 @@ class ConvergentRSGD(RiemannianSGD):
                  step_rule: str = "gsgd", rho: float | None = None, max_step: float = 0.5,
                  radius_scaling=None, stabilize: int | None = 100, nonfinite: str = "raise",
                  decay_manifold: bool = False, batched: bool = True, log_stats: bool = False,
-                 guarantee: bool = False, chunk_numel: int = 1 << 18):
+                 guarantee: bool = False, chunk_numel: int = 1 << 18,
+                 native: bool | None = None):
         if not lr >= 0.0:
             raise ValueError(f"Invalid learning rate: {lr}")
         if momentum < 0.0:
@@ -152,11 +160,18 @@ class ConvergentRSGD(RiemannianSGD):
         self.log_stats = log_stats
         self.guarantee = guarantee
         self.chunk_numel = int(chunk_numel)
+        if native not in (None, True, False):
+            raise ValueError(f"native must be None, True or False, got {native!r}")
+        if native and not _native.available():
+            raise RuntimeError("native=True but the fused CPU kernels are unavailable: "
+                               f"{_native.unavailable_reason()}; pass native=None or False")
+        self.native = native
         self.radius_scaling = radius_scaling
         self.skipped_steps = 0
         self.last_stats: list[dict] = []
         self._plan = None
         self._plan_sig = None
+        self._plan_native = None
         self._schedule_ok = None
         self._warned_foreign = False
         # skip RiemannianSGD.__init__ (fixed defaults); OptimMixin -> Optimizer
@@ -347,21 +362,29 @@ class ConvergentRSGD(RiemannianSGD):
         return tuple(tuple((p.grad is not None, p.data_ptr()) for p in g["params"])
                      for g in self.param_groups)
 
+    def _use_native(self) -> bool:
+        # ctypes calls and torch's fused SGD cannot be traced: torch.compile gets torch ops
+        return self.native is not False and not _compiling() and _native.available()
+
     def _get_plan(self):
         sig = self._signature()
-        if self._plan is None or sig != self._plan_sig:
+        native = self._use_native()
+        if self._plan is None or sig != self._plan_sig or native != self._plan_native:
+            self._plan_native = native
             plans = []
             new_bufs: dict = {}
             for group, has in zip(self.param_groups, sig, strict=True):
                 gp = bt.build_group_plan(group, self.state, chunk_numel=self.chunk_numel,
                                          max_step=group["max_step"],
-                                         has_grad=[h for h, _ in has])
+                                         has_grad=[h for h, _ in has], native=native)
                 for ch in gp.chunks:
                     if ch.layout.soa:
                         bt.attach_soa(ch)
                 if group["momentum"]:
                     for ch in gp.chunks:
                         bt.attach_momentum(ch, self.state, new_bufs)
+                    for nm in gp.native:
+                        bt.attach_native_momentum(nm, self.state, new_bufs)
                 plans.append(gp)
             bt.attach_scratch([ch for gp in plans for ch in gp.chunks])
             self._plan, self._plan_sig = plans, sig
@@ -384,13 +407,18 @@ class ConvergentRSGD(RiemannianSGD):
     def _step_batched(self) -> bool:
         plans = self._get_plan()
         grads_of = _grad
-        prepared, checks = [], []
+        prepared, checks, c_checks = [], [], []
+        native = any(gp.native for gp in plans)
         for group, gp in zip(self.param_groups, plans, strict=True):
             ps = group["params"]
             eg = [ps[i].grad for i in gp.euclid]
             if any(g.is_sparse for g in eg):
                 raise RuntimeError("ConvergentRSGD does not support sparse gradients")
-            checks.extend(eg)
+            if native:  # dense CPU float gradients are checked by the C kernel
+                for g in eg:
+                    (c_checks if _native_checkable(g) else checks).append(g)
+            else:
+                checks.extend(eg)
             items = []
             for ch in gp.chunks:
                 x, g, inplace = bt.gather(ch, grads_of)
@@ -410,10 +438,13 @@ class ConvergentRSGD(RiemannianSGD):
             bad = self._find_bad()
             if bad:
                 return self._nonfinite(bad)
+        native_stats = self._native_step(plans, c_checks)
+        if native_stats is None:
+            return self._nonfinite(self._find_bad())
         self.last_stats = []
         for group, gp, items in zip(self.param_groups, plans, prepared, strict=True):
             self._euclid_foreach(group, [group["params"][i] for i in gp.euclid])
-            stats = [] if self.log_stats else None
+            stats = list(native_stats.get(id(group), ())) if self.log_stats else None
             for ch, x, g, c, inplace, h in items:
                 h.lr = self._chunk_lr(group, ch, c.dim() if ch.kind == "sphere" else 1)
                 if ch.kind == "sphere":
@@ -432,14 +463,123 @@ class ConvergentRSGD(RiemannianSGD):
                 self._publish_stats({id(group): stats}, append=True)
         return True
 
+    def _native_work(self, plans) -> list:
+        """Per group and dtype: the members and a ctypes item array, built once per plan
+        (the fields that change between steps, gradient pointers and ``lr``, are refreshed
+        by :meth:`_native_step`)."""
+        work = getattr(self, "_native_cache", None)
+        if work is not None and work[0] is plans:
+            return work[1]
+        work = []
+        for group, gp in zip(self.param_groups, plans, strict=True):
+            by_dtype: dict = {}
+            for nm in gp.native:
+                by_dtype.setdefault(nm.param.dtype, []).append(nm)
+            for dtype, mems in by_dtype.items():
+                arr = (_native.Item * len(mems))()
+                for it, nm in zip(arr, mems, strict=True):
+                    c = nm.consts
+                    it.x = nm.param.data_ptr()
+                    it.b = None if nm.buf is None else nm.buf.data_ptr()
+                    it.nblk, it.a, it.s = nm.nblk, nm.a, nm.s
+                    it.center, it.r = int(nm.layout.center), float(nm.layout.r)
+                    it.rho, it.ck, it.rho_max = c.rho, c.c_kappa, c.rho_max
+                    it.rule = 0 if c.flat or c.rule == "none" else (1 if c.rule == "gsgd" else 2)
+                work.append((group, dtype, mems, arr))
+        self._native_cache = (plans, work)
+        return work
+
+    def _native_step(self, plans, euclid_grads: list) -> dict | None:
+        """Fused CPU step of the plans' native kernels.  Every gradient (theirs and
+        ``euclid_grads``, dense CPU float tensors, whose check is cheaper in C than in torch)
+        is checked first: if one is not finite nothing is written and None is returned.
+        Returns the per-group step statistics when ``log_stats``."""
+        work = self._native_work(plans)
+        if not work and not euclid_grads:
+            return {}
+        keep = []
+        for group, dtype, mems, arr in work:
+            for it, nm in zip(arr, mems, strict=True):
+                g = nm.param.grad
+                if g.is_sparse:
+                    raise RuntimeError("ConvergentRSGD does not support sparse gradients")
+                if g.stride() != nm.param.stride() or g.dtype != dtype:
+                    g = torch.empty_like(nm.param.detach()).copy_(g)
+                    keep.append(g)
+                it.g = g.data_ptr()
+                lr = group["lr"]
+                mult = self._multiplier(nm.param)
+                it.lr = float(lr) if mult is None else float(lr * mult)
+                it.fresh = int(nm.fresh)
+            if _native.check(arr, dtype) >= 0:
+                return None
+        by_dtype: dict = {}
+        for g in euclid_grads:
+            by_dtype.setdefault(g.dtype, []).append(g)
+        for gs in by_dtype.values():
+            if _native.check_tensors(gs) >= 0:
+                return None
+        out: dict = {}
+        for group, dtype, mems, arr in work:
+            outs = []
+            if self.log_stats:
+                for nm, it in zip(mems, arr, strict=True):
+                    rn = torch.empty(nm.ncomp, dtype=torch.float64)
+                    st = torch.empty(nm.ncomp, dtype=torch.float64)
+                    it.rn_out, it.step_out = rn.data_ptr(), st.data_ptr()
+                    outs.append((rn, st, nm.consts))
+            _native.sphere_step(arr, dtype, group["momentum"], group["dampening"],
+                                group["nesterov"])
+            out.setdefault(id(group), []).extend(
+                (rn.to(dtype), st.to(dtype), c) for rn, st, c in outs)
+            for it in arr:
+                it.rn_out = it.step_out = None
+            # raw writes bypass autograd's version counters: bump them like an in-place op
+            touched = [nm.param for nm in mems] + [nm.buf for nm in mems if nm.buf is not None]
+            torch.autograd.graph.increment_version(touched)
+            for nm in mems:
+                if nm.fresh and nm.buf is not None:
+                    st_ = self.state[nm.param]
+                    blocks = st_.setdefault("momentum_blocks", [None] * _nblocks(nm.param))
+                    blocks[0] = nm.buf
+                nm.fresh = False
+        return out
+
     def _hyper(self, group, ch) -> bt.Hyper:
         wd = group["weight_decay"] if (ch.consts.flat or group["decay_manifold"]) else 0.0
         return bt.Hyper(lr=group["lr"], momentum=group["momentum"],
                         dampening=group["dampening"], nesterov=group["nesterov"], wd=wd)
 
+    def _euclid_fused(self, group, params) -> bool:
+        """``torch.optim.SGD(fused=True)``'s kernel on CPU float parameters (one call instead
+        of three multi-tensor passes; the same recursion).  False: not applicable here."""
+        if self.native is False or _compiling() or not _fused_sgd_ok() or \
+                not all(p.is_cpu and p.dtype in _NATIVE_DTYPES for p in params):
+            return False
+        wd, mu, damp = group["weight_decay"], group["momentum"], group["dampening"]
+        kw = dict(weight_decay=wd, momentum=mu, lr=group["lr"], dampening=damp,
+                  nesterov=group["nesterov"], maximize=False, grad_scale=None, found_inf=None)
+        if not mu:
+            torch._fused_sgd_(params, [p.grad for p in params], [], is_first_step=False, **kw)
+            return True
+        old, fresh = [], []
+        for p in params:
+            (fresh if self.state[p].get("momentum_buffer") is None else old).append(p)
+        if old:
+            torch._fused_sgd_(old, [p.grad for p in old],
+                              [self.state[p]["momentum_buffer"] for p in old],
+                              is_first_step=False, **kw)
+        if fresh:  # the kernel stores B = G (after weight decay) into these
+            bufs = [torch.empty_like(p.grad) for p in fresh]
+            torch._fused_sgd_(fresh, [p.grad for p in fresh], bufs, is_first_step=True, **kw)
+            for p, b in zip(fresh, bufs, strict=True):
+                self.state[p]["momentum_buffer"] = b
+        return True
+
     def _euclid_foreach(self, group, params):
-        """``torch.optim.SGD``'s multi-tensor update (same operations, same order)."""
-        if not params:
+        """``torch.optim.SGD``'s multi-tensor update (same operations, same order), or its
+        fused CPU kernel (see :meth:`_euclid_fused`)."""
+        if not params or self._euclid_fused(group, params):
             return
         grads = [p.grad for p in params]
         wd, mu, damp = group["weight_decay"], group["momentum"], group["dampening"]
@@ -518,6 +658,34 @@ class ConvergentRSGD(RiemannianSGD):
 
 def _grad(p):
     return p.grad
+
+
+_NATIVE_DTYPES = (torch.float32, torch.float64)
+_FUSED_SGD: bool | None = None
+
+
+def _fused_sgd_ok() -> bool:
+    """Whether this torch has a CPU ``_fused_sgd_`` (probed once on a scratch tensor)."""
+    global _FUSED_SGD
+    if _FUSED_SGD is None:
+        try:
+            t, g = torch.zeros(2), torch.ones(2)
+            torch._fused_sgd_([t], [g], [], weight_decay=0.0, momentum=0.0, lr=0.5,
+                              dampening=0.0, nesterov=False, maximize=False,
+                              is_first_step=False, grad_scale=None, found_inf=None)
+            _FUSED_SGD = bool(torch.allclose(t, torch.full((2,), -0.5)))
+        except (AttributeError, RuntimeError, NotImplementedError, TypeError):
+            _FUSED_SGD = False
+    return _FUSED_SGD
+
+
+def _compiling() -> bool:
+    comp = getattr(torch, "compiler", None)
+    return bool(comp is not None and hasattr(comp, "is_compiling") and comp.is_compiling())
+
+
+def _native_checkable(g: torch.Tensor) -> bool:
+    return g.is_cpu and g.dtype in _NATIVE_DTYPES and g.is_contiguous()
 
 
 def _all_finite(ts: list[torch.Tensor], small: int = 1 << 14) -> bool:

@@ -1,0 +1,194 @@
+r"""Fused CPU kernels for sphere-like kernel manifolds (optional, compiled on first use).
+
+The eager fast path of :mod:`kernelgeo.optim.batched` needs about nine elementwise passes
+over a sphere or oblique kernel plus Python and dispatch work per chunk; ``torch.optim.SGD``
+needs three.  ``native_kernels.c`` (shipped with the package) does the whole step of
+:func:`~kernelgeo.optim.batched.sphere_apply` (Riemannian gradient, momentum, step rule,
+retraction, transport) in one pass over each row or column, reading every row from the CPU
+caches, for all kernels of a step in a single call, in the kernels' own layout (no gathering,
+no transposing copies).  Row/column sums are accumulated in double.
+
+It is compiled with the system C compiler (``$CC``, else ``cc``) the first time it is needed,
+for this CPU (``-march=native``), and cached under ``$KERNELGEO_CACHE_DIR`` (default
+``$XDG_CACHE_HOME/kernelgeo`` or ``~/.cache/kernelgeo``) with a name that hashes the source,
+the flags, the compiler and the CPU, written atomically.  Without a compiler, or with
+``KERNELGEO_NATIVE=0``, :func:`available` is False and the optimizer uses the torch path.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import os
+import platform
+import shutil
+import subprocess
+import tempfile
+import threading
+from pathlib import Path
+
+import torch
+
+__all__ = ["available", "unavailable_reason", "load", "Item", "check", "check_tensors",
+           "sphere_step", "library_path"]
+
+_SRC = Path(__file__).with_name("native_kernels.c")
+_FLAGS = ["-O3", "-std=c11", "-fPIC", "-shared", "-fopenmp-simd", "-fno-math-errno",
+          "-fno-trapping-math"]
+_lock = threading.Lock()
+_lib: ctypes.CDLL | None = None
+_tried = False
+_error: str | None = None
+
+
+class Item(ctypes.Structure):
+    """Mirror of ``kg_item`` in ``native_kernels.c`` (one kernel of a step)."""
+
+    _fields_ = [
+        ("x", ctypes.c_void_p), ("g", ctypes.c_void_p), ("b", ctypes.c_void_p),
+        ("rn_out", ctypes.c_void_p), ("step_out", ctypes.c_void_p),
+        ("nblk", ctypes.c_int64), ("a", ctypes.c_int64), ("s", ctypes.c_int64),
+        ("center", ctypes.c_int32), ("fresh", ctypes.c_int32),
+        ("lr", ctypes.c_double), ("r", ctypes.c_double), ("rho", ctypes.c_double),
+        ("ck", ctypes.c_double), ("rho_max", ctypes.c_double),
+        ("rule", ctypes.c_int32), ("pad", ctypes.c_int32),
+    ]
+
+
+def _cache_dir() -> Path:
+    d = os.environ.get("KERNELGEO_CACHE_DIR")
+    if d:
+        return Path(d)
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return Path(base) / "kernelgeo"
+
+
+def _cpu_id() -> str:
+    # -march=native code must not run on another CPU sharing this cache (a shared home)
+    try:
+        with open("/proc/cpuinfo") as f:
+            info = f.read()
+        keys = ("model name", "flags", "Features", "CPU part")
+        return "|".join(sorted({ln.strip() for ln in info.splitlines()
+                                if ln.split(":")[0].strip() in keys}))
+    except OSError:
+        return platform.processor() or platform.machine()
+
+
+def _compiler() -> str | None:
+    cc = os.environ.get("CC", "cc")
+    return shutil.which(cc) or (shutil.which("gcc") if cc == "cc" else None)
+
+
+def library_path(cc: str, flags: list[str]) -> Path:
+    try:
+        ver = subprocess.run([cc, "--version"], capture_output=True, text=True,
+                             timeout=30).stdout
+    except (OSError, subprocess.SubprocessError):
+        ver = ""
+    h = hashlib.sha256()
+    for part in (_SRC.read_bytes(), " ".join(flags).encode(), cc.encode(), ver.encode(),
+                 _cpu_id().encode(), platform.machine().encode()):
+        h.update(part)
+        h.update(b"\0")
+    return _cache_dir() / f"native-{h.hexdigest()[:20]}.so"
+
+
+def _build(cc: str, flags: list[str], out: Path) -> None:
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(suffix=".so", dir=out.parent)
+    os.close(fd)
+    try:
+        subprocess.run([cc, *flags, str(_SRC), "-o", tmp, "-lm"], check=True,
+                       capture_output=True, text=True, timeout=120)
+        os.replace(tmp, out)  # atomic: a concurrent build or reader never sees half a file
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+def _bind(lib: ctypes.CDLL) -> None:
+    P = ctypes.POINTER(Item)
+    for suf in ("f32", "f64"):
+        f = getattr(lib, f"kg_check_{suf}")
+        f.argtypes, f.restype = [P, ctypes.c_int64], ctypes.c_int64
+        f = getattr(lib, f"kg_check_arrays_{suf}")
+        f.argtypes = [ctypes.POINTER(ctypes.c_void_p), ctypes.POINTER(ctypes.c_int64),
+                      ctypes.c_int64]
+        f.restype = ctypes.c_int64
+        f = getattr(lib, f"kg_sphere_step_{suf}")
+        f.argtypes = [P, ctypes.c_int64, ctypes.c_double, ctypes.c_double, ctypes.c_int32]
+        f.restype = ctypes.c_int64
+
+
+def load() -> ctypes.CDLL | None:
+    """The compiled library (building it once if needed), or None if it cannot be had."""
+    global _lib, _tried, _error
+    if _tried:
+        return _lib
+    with _lock:
+        if _tried:
+            return _lib
+        _tried = True
+        if os.environ.get("KERNELGEO_NATIVE", "1").strip().lower() in ("0", "false", "no",
+                                                                       "off"):
+            _error = "disabled by KERNELGEO_NATIVE"
+            return None
+        cc = _compiler()
+        if cc is None:
+            _error = "no C compiler (set $CC)"
+            return None
+        errors = []
+        # -march=native where the compiler knows it; portable code otherwise
+        for flags in (_FLAGS + ["-march=native"], _FLAGS):
+            path = library_path(cc, flags)
+            try:
+                if not path.exists():
+                    _build(cc, flags, path)
+                lib = ctypes.CDLL(str(path))
+                _bind(lib)
+            except (OSError, subprocess.SubprocessError, AttributeError) as e:
+                stderr = getattr(e, "stderr", "") or ""
+                errors.append(f"{' '.join(flags)}: {e} {stderr[-500:]}")
+                continue
+            _lib = lib
+            return lib
+        _error = "; ".join(errors)
+        return None
+
+
+def available() -> bool:
+    """Whether the fused CPU kernels can be used (compiles them on the first call)."""
+    return load() is not None
+
+
+def unavailable_reason() -> str | None:
+    """Why :func:`available` is False (None if it is True or was not asked yet)."""
+    return _error
+
+
+_SUFFIX = {torch.float32: "f32", torch.float64: "f64"}
+
+
+def check(items, dtype: torch.dtype) -> int:
+    """Index of the first item (a ctypes ``Item`` array) whose gradient has a NaN/Inf, or -1."""
+    return int(getattr(_lib, f"kg_check_{_SUFFIX[dtype]}")(items, len(items)))
+
+
+def check_tensors(tensors: list[torch.Tensor]) -> int:
+    """Index of the first tensor (dense, CPU, one float dtype) with a NaN/Inf entry, or -1."""
+    n = len(tensors)
+    ptrs = (ctypes.c_void_p * n)(*[t.data_ptr() for t in tensors])
+    sizes = (ctypes.c_int64 * n)(*[t.numel() for t in tensors])
+    return int(getattr(_lib, f"kg_check_arrays_{_SUFFIX[tensors[0].dtype]}")(ptrs, sizes, n))
+
+
+def sphere_step(items, dtype: torch.dtype, momentum: float, dampening: float,
+                nesterov: bool) -> None:
+    """One fused step of every item of the ctypes ``Item`` array ``items`` (see
+    ``native_kernels.c`` for the maths)."""
+    done = getattr(_lib, f"kg_sphere_step_{_SUFFIX[dtype]}")(
+        items, len(items), float(momentum), float(dampening), int(bool(nesterov)))
+    if done != len(items):
+        raise RuntimeError("native sphere step refused its input (column longer than 64); "
+                           "pass native=False to the optimizer")

@@ -1,0 +1,560 @@
+/*
+ * Fused Riemannian SGD steps of kernelgeo for sphere-like kernel layouts (CPU).
+ *
+ * Compiled on first use by kernelgeo/optim/native.py with the system C compiler and
+ * loaded with ctypes; the Python fast path (kernelgeo/optim/batched.py) is used when no
+ * compiler is available.  The maths is that of kernelgeo.optim.batched.sphere_apply.
+ *
+ * Layout of one kernel ("item"): nblk blocks of a*s contiguous entries.  Component
+ * (blk, j), j < s, is the vector of the a entries blk*a*s + k*s + j, k < a:
+ *   - rows of a sphere / slice-oblique layout: s = 1, a = row length;
+ *   - columns of the oblique manifold OB(a, s) of each kernel slice: a = k_h, s = k_w.
+ * Each component lies on the sphere of radius r (centred: also zero mean).  Per component,
+ * with mu = momentum, tau = dampening:
+ *   u   = P_x(G) = G_c - <x, G_c>/r^2 x            (G_c = G, or G minus its mean)
+ *   B   = u (first step) | mu B + (1 - tau) u       (then)
+ *   d   = B | u + mu B (Nesterov) | u (no momentum)
+ *   g_k = lambda / max(1, Gamma(||d||))             (step rule)
+ *   x'  = r y/||y||, y = x - g_k d                  (exact retraction)
+ *   B'  = B - <x', B>/r^2 x' = B + c g_k <d, B>/r^2 x',  c = r/||y||
+ * Sums are accumulated in double (no overflow for float32 data; float32 results match
+ * the float32 torch path to rounding).  Every component is read four times (sums; buffer
+ * and norms; ||y||; write), all from cache: one component is at most a few kB.
+ */
+#include <math.h>
+#include <stddef.h>
+#include <stdint.h>
+#include <string.h>
+
+#ifndef KG_BODY
+#define KG_BODY
+
+#define KG_MAXS 64  /* longest slice row (k_w) handled by the column kernel */
+#define KG_SHORT 16 /* components this short go to the vectorised short kernel */
+#define KG_W 16     /* components per batch of the short kernel */
+
+typedef struct {
+    void *x;           /* kernel, C-contiguous */
+    const void *g;     /* gradient, C-contiguous, same shape */
+    void *b;           /* momentum buffer, C-contiguous (NULL: no momentum) */
+    double *rn_out;    /* per component ||d|| (NULL: not recorded) */
+    double *step_out;  /* per component step size (NULL: not recorded) */
+    int64_t nblk, a, s;
+    int32_t center, fresh;
+    double lr, r, rho, ck, rho_max;
+    int32_t rule; /* 0: none (or flat), 1: gsgd, 2: bounded */
+    int32_t pad;
+} kg_item;
+
+/* g_k = lambda / max(1, Gamma_k), kernelgeo.optim.step_rules.step_sizes */
+static double kg_step_size(const kg_item *it, double rn) {
+    double gam;
+    if (it->rule == 1) {
+        double t = 2.0 * it->rho + rn, A = t * t, B = 1.0 + it->ck * (it->rho + rn);
+        gam = rn * rn * (A > B ? A : B);
+    } else if (it->rule == 2) {
+        gam = rn * (it->lr / it->rho_max);
+    } else {
+        return it->lr;
+    }
+    return it->lr / (gam > 1.0 ? gam : 1.0);
+}
+
+/* r / ||y|| from the accumulated sum of squares; yy overflows only for float64 data with
+ * entries near 1e154, where the caller rescales (see *_scaled_norm). */
+#define KG_OK_SUM(v) ((v) > 0.0 && isfinite(v))
+
+#define T float
+#define NAME(x) x##_f32
+#include __FILE__
+#undef T
+#undef NAME
+#define T double
+#define NAME(x) x##_f64
+#include __FILE__
+#undef T
+#undef NAME
+
+#else /* ------------------------------------------------------------- typed body */
+
+/* Whether every gradient entry of every item is finite: index of the first bad item, or -1. */
+int64_t NAME(kg_check)(const kg_item *items, int64_t n) {
+    for (int64_t i = 0; i < n; ++i) {
+        const T *g = (const T *)items[i].g;
+        const int64_t m = items[i].nblk * items[i].a * items[i].s;
+        T acc = 0;
+#pragma omp simd reduction(+ : acc)
+        for (int64_t k = 0; k < m; ++k) acc += g[k] * (T)0; /* NaN iff some entry is NaN/Inf */
+        if (acc != acc) return i;
+    }
+    return -1;
+}
+
+/* The same for n plain arrays (Euclidean gradients): index of the first bad one, or -1. */
+int64_t NAME(kg_check_arrays)(const void *const *ptrs, const int64_t *sizes, int64_t n) {
+    for (int64_t i = 0; i < n; ++i) {
+        const T *g = (const T *)ptrs[i];
+        const int64_t m = sizes[i];
+        T acc = 0;
+#pragma omp simd reduction(+ : acc)
+        for (int64_t k = 0; k < m; ++k) acc += g[k] * (T)0;
+        if (acc != acc) return i;
+    }
+    return -1;
+}
+
+/* One component (a entries at stride st) in double with explicit passes and a rescaled norm:
+ * the fallback when the fast kernels' sums overflow (entries near the largest float). */
+static void NAME(comp_safe)(const kg_item *it, T *x, const T *g, T *b, int64_t a, int64_t st,
+                            double mu, double damp, int nest, int64_t comp) {
+    const double r2 = it->r * it->r;
+    const int fresh = it->fresh;
+    const double cu = fresh ? 1.0 : 1.0 - damp, mb = fresh ? 0.0 : mu;
+    double gm = 0.0, sx = 0, sg = 0, sxg = 0, sc = 0.0;
+    for (int64_t k = 0; k < a; ++k) gm = fmax(gm, fabs((double)g[k * st]));
+    sc = gm > 0.0 && isfinite(gm) ? 1.0 / gm : 1.0; /* u is computed for g/gm, then scaled */
+    for (int64_t k = 0; k < a; ++k) {
+        double xv = x[k * st], gv = g[k * st] * sc;
+        sx += xv;
+        sg += gv;
+        sxg += xv * gv;
+    }
+    const double mg = it->center ? sg / (double)a : 0.0, ac = (sxg - mg * sx) / r2;
+    double dd = 0, db = 0, bm = 0.0;
+    for (int64_t k = 0; k < a; ++k) {
+        const int64_t e = k * st;
+        double u = ((double)g[e] * sc - mg - ac * (double)x[e]) / sc, d;
+        if (b) {
+            double bn = (fresh ? 0.0 : mb * (double)b[e]) + cu * u;
+            b[e] = (T)bn;
+            d = nest ? u + mu * (double)b[e] : (double)b[e];
+        } else {
+            d = u;
+        }
+        bm = fmax(bm, fabs(d));
+    }
+    const double ds = bm > 0.0 && isfinite(bm) ? 1.0 / bm : 1.0;
+    for (int64_t k = 0; k < a; ++k) {
+        const int64_t e = k * st;
+        double u = ((double)g[e] * sc - mg - ac * (double)x[e]) / sc;
+        double d = b ? (nest ? u + mu * (double)b[e] : (double)b[e]) : u;
+        dd += (d * ds) * (d * ds);
+        if (b) db += (d * ds) * ((double)b[e] * ds);
+    }
+    const double rn = sqrt(dd) / ds, stp = kg_step_size(it, rn);
+    if (it->rn_out) it->rn_out[comp] = rn;
+    if (it->step_out) it->step_out[comp] = stp;
+    double ym = 0.0, yy = 0.0;
+    for (int pass = 0; pass < 2; ++pass)
+        for (int64_t k = 0; k < a; ++k) {
+            const int64_t e = k * st;
+            double u = ((double)g[e] * sc - mg - ac * (double)x[e]) / sc;
+            double d = b ? (nest ? u + mu * (double)b[e] : (double)b[e]) : u;
+            double y = (double)x[e] - stp * d;
+            if (pass == 0) ym = fmax(ym, fabs(y));
+            else yy += (y / ym) * (y / ym);
+        }
+    const double c = it->r / (ym * sqrt(yy));
+    /* c g <d, B> / r^2 with <d, B> = db / ds^2 and |d| = sqrt(dd) / ds, computed as
+     * (g |d|) <d, B>/|d|: the step length g |d| is bounded, the other factor is at most |B| */
+    const double coef = dd > 0.0 ? c * (stp * rn) * (db / (ds * sqrt(dd))) / r2 : 0.0;
+    for (int64_t k = 0; k < a; ++k) {
+        const int64_t e = k * st;
+        double u = ((double)g[e] * sc - mg - ac * (double)x[e]) / sc;
+        double d = b ? (nest ? u + mu * (double)b[e] : (double)b[e]) : u;
+        double xn = c * ((double)x[e] - stp * d);
+        x[e] = (T)xn;
+        if (b) b[e] = (T)((double)b[e] + coef * xn);
+    }
+}
+
+#define KG_FIN(v) isfinite((double)(v))
+
+/* Rows (s = 1, a > KG_SHORT): three passes per row, all sums in T with vector partial sums.
+ * Pass 1: <x,G>, |x|^2 (and the sums for centring); pass 2: |d|^2, <d,B>, <x,d> without
+ * writing; pass 3: x' and the transported B written once.  |y|^2 = |x|^2 - 2g<x,d> + g^2|d|^2
+ * (no cancellation: <x,d> ~ 0 and |x|^2 ~ r^2), so y is never stored. */
+static void NAME(rows)(const kg_item *it, double mu, double damp, int nest) {
+    T *X = (T *)it->x;
+    const T *G = (const T *)it->g;
+    T *B = (T *)it->b;
+    const int64_t n = it->a;
+    const double r2 = it->r * it->r;
+    const int fresh = it->fresh;
+    const T cu = (T)(fresh ? 1.0 : 1.0 - damp), mb = (T)(fresh ? 0.0 : mu), tmu = (T)mu;
+    for (int64_t i = 0; i < it->nblk; ++i) {
+        T *x = X + i * n;
+        const T *g = G + i * n;
+        T *b = B ? B + i * n : NULL;
+        T sx = 0, sg = 0, sxg = 0, sxx = 0;
+        if (it->center) {
+#pragma omp simd reduction(+ : sx, sg, sxg, sxx)
+            for (int64_t k = 0; k < n; ++k) {
+                sx += x[k];
+                sg += g[k];
+                sxg += x[k] * g[k];
+                sxx += x[k] * x[k];
+            }
+        } else {
+#pragma omp simd reduction(+ : sxg, sxx)
+            for (int64_t k = 0; k < n; ++k) {
+                sxg += x[k] * g[k];
+                sxx += x[k] * x[k];
+            }
+        }
+        const double dmg = it->center ? (double)sg / (double)n : 0.0;
+        const T mg = (T)dmg, ac = (T)(((double)sxg - dmg * (double)sx) / r2);
+        T dd = 0, db = 0, sxd = 0;
+        if (b && fresh && !nest) {
+#pragma omp simd reduction(+ : dd, sxd)
+            for (int64_t k = 0; k < n; ++k) {
+                T bn = cu * (g[k] - mg - ac * x[k]);
+                dd += bn * bn;
+                sxd += x[k] * bn;
+            }
+            db = dd;
+        } else if (b && !nest) {
+#pragma omp simd reduction(+ : dd, sxd)
+            for (int64_t k = 0; k < n; ++k) {
+                T bn = mb * b[k] + cu * (g[k] - mg - ac * x[k]);
+                dd += bn * bn;
+                sxd += x[k] * bn;
+            }
+            db = dd;
+        } else if (b) {
+#pragma omp simd reduction(+ : dd, db, sxd)
+            for (int64_t k = 0; k < n; ++k) {
+                T u = g[k] - mg - ac * x[k];
+                T bn = mb * b[k] + cu * u, d = u + tmu * bn;
+                dd += d * d;
+                db += d * bn;
+                sxd += x[k] * d;
+            }
+        } else {
+#pragma omp simd reduction(+ : dd, sxd)
+            for (int64_t k = 0; k < n; ++k) {
+                T u = g[k] - mg - ac * x[k];
+                dd += u * u;
+                sxd += x[k] * u;
+            }
+        }
+        if (!(KG_FIN(sxg) && KG_FIN(sxx) && KG_FIN(sx) && KG_FIN(sg) && KG_FIN(dd) &&
+              KG_FIN(db) && KG_FIN(sxd))) {
+            NAME(comp_safe)(it, x, g, b, n, 1, mu, damp, nest, i);
+            continue;
+        }
+        const double rn = sqrt((double)dd), st = kg_step_size(it, rn);
+        if (it->rn_out) it->rn_out[i] = rn;
+        if (it->step_out) it->step_out[i] = st;
+        const double yy = (double)sxx - 2.0 * st * (double)sxd + st * st * (double)dd;
+        const double dc = it->r / sqrt(yy);
+        const T c = (T)dc, cs = (T)(dc * st), coef = (T)(dc * st * (double)db / r2);
+        if (b && fresh && !nest) {
+#pragma omp simd
+            for (int64_t k = 0; k < n; ++k) {
+                T bn = cu * (g[k] - mg - ac * x[k]);
+                T xn = c * x[k] - cs * bn;
+                x[k] = xn;
+                b[k] = bn + coef * xn;
+            }
+        } else if (b && !nest) {
+#pragma omp simd
+            for (int64_t k = 0; k < n; ++k) {
+                T bn = mb * b[k] + cu * (g[k] - mg - ac * x[k]);
+                T xn = c * x[k] - cs * bn;
+                x[k] = xn;
+                b[k] = bn + coef * xn;
+            }
+        } else if (b) {
+#pragma omp simd
+            for (int64_t k = 0; k < n; ++k) {
+                T u = g[k] - mg - ac * x[k];
+                T bn = mb * b[k] + cu * u;
+                T xn = c * x[k] - cs * (u + tmu * bn);
+                x[k] = xn;
+                b[k] = bn + coef * xn;
+            }
+        } else {
+#pragma omp simd
+            for (int64_t k = 0; k < n; ++k) x[k] = c * x[k] - cs * (g[k] - mg - ac * x[k]);
+        }
+    }
+}
+
+/* Short components (a <= KG_SHORT, e.g. the 3-entry columns of 3x3 kernels), any s: the
+ * per-component scalar work (square roots, divisions, loop set-up) would dominate a
+ * component-by-component kernel, so KG_W components at a time are copied into local arrays
+ * (entry k of component w at [k][w]) and every step is a loop over w that the compiler
+ * vectorises.  Component c has its entries at (c / s) * a * s + c % s + k * s.  Inlined into
+ * versions with constant (a, s) for the common 3x3 layouts, where the copies vectorise. */
+static inline __attribute__((always_inline)) void NAME(short_impl)(
+    const kg_item *it, double mu, double damp, int nest, const int64_t a, const int64_t s) {
+    T *X = (T *)it->x;
+    const T *Gp = (const T *)it->g;
+    T *Bp = (T *)it->b;
+    const int64_t ncomp = it->nblk * s;
+    const double r2 = it->r * it->r;
+    const T ir2 = (T)(1.0 / r2), ia = (T)(1.0 / (double)a), tmu = (T)mu;
+    const int fresh = it->fresh, has_b = Bp != NULL, center = it->center, rule = it->rule;
+    const T cu = (T)(fresh ? 1.0 : 1.0 - damp), mb = (T)(fresh ? 0.0 : mu);
+    const T rho = (T)it->rho, ck = (T)it->ck, lr = (T)it->lr, lr_rm = (T)(it->lr / it->rho_max);
+    const T r = (T)it->r, big = (T)(sizeof(T) == 4 ? 3.4028234663852886e38 : 1.7976931348623157e308);
+    T x[KG_SHORT][KG_W], g[KG_SHORT][KG_W], b[KG_SHORT][KG_W];
+    T mg[KG_W], ac[KG_W], dd[KG_W], db[KG_W], st[KG_W], yy[KG_W], c[KG_W], coef[KG_W];
+    T sx[KG_W], sg[KG_W], sxg[KG_W];
+    int64_t base[KG_W];
+    for (int64_t c0 = 0; c0 < ncomp; c0 += KG_W) {
+        const int64_t nw = ncomp - c0 < KG_W ? ncomp - c0 : KG_W;
+        if (s == 1) {
+            for (int64_t w = 0; w < KG_W; ++w) base[w] = (c0 + (w < nw ? w : 0)) * a;
+        } else { /* one division per batch: the lanes step through (block, column) pairs */
+            int64_t blk = c0 / s, j = c0 % s;
+            for (int64_t w = 0; w < KG_W; ++w) {
+                base[w] = w < nw ? blk * a * s + j : base[0]; /* padding repeats lane 0 */
+                if (++j == s) {
+                    j = 0;
+                    ++blk;
+                }
+            }
+        }
+        if (nw == KG_W && s == 1) { /* contiguous components: affine addresses */
+            const T *xp = X + c0 * a, *gp = Gp + c0 * a, *bp = Bp ? Bp + c0 * a : NULL;
+            for (int64_t k = 0; k < a; ++k)
+#pragma omp simd
+                for (int64_t w = 0; w < KG_W; ++w) {
+                    x[k][w] = xp[w * a + k];
+                    g[k][w] = gp[w * a + k];
+                    b[k][w] = has_b && !fresh ? bp[w * a + k] : (T)0;
+                }
+        } else {
+            for (int64_t k = 0; k < a; ++k)
+                for (int64_t w = 0; w < KG_W; ++w) {
+                    x[k][w] = X[base[w] + k * s];
+                    g[k][w] = Gp[base[w] + k * s];
+                    b[k][w] = has_b && !fresh ? Bp[base[w] + k * s] : (T)0;
+                }
+        }
+#pragma omp simd
+        for (int64_t w = 0; w < KG_W; ++w) sx[w] = sg[w] = sxg[w] = dd[w] = db[w] = yy[w] = 0;
+        for (int64_t k = 0; k < a; ++k)
+#pragma omp simd
+            for (int64_t w = 0; w < KG_W; ++w) {
+                sx[w] += x[k][w];
+                sg[w] += g[k][w];
+                sxg[w] += x[k][w] * g[k][w];
+            }
+#pragma omp simd
+        for (int64_t w = 0; w < KG_W; ++w) {
+            mg[w] = center ? sg[w] * ia : (T)0;
+            ac[w] = (sxg[w] - mg[w] * sx[w]) * ir2;
+        }
+        for (int64_t k = 0; k < a; ++k)
+#pragma omp simd
+            for (int64_t w = 0; w < KG_W; ++w) {
+                T u = g[k][w] - mg[w] - ac[w] * x[k][w], d = u;
+                if (has_b) {
+                    T bn = mb * b[k][w] + cu * u;
+                    b[k][w] = bn;
+                    d = nest ? u + tmu * bn : bn;
+                    db[w] += d * bn;
+                }
+                dd[w] += d * d;
+                g[k][w] = d; /* G is not needed any more: keep the direction */
+            }
+#pragma omp simd
+        for (int64_t w = 0; w < KG_W; ++w) {
+            const T rn = sqrt(dd[w]);
+            T gam = 0;
+            if (rule == 1) {
+                T t = 2 * rho + rn, A = t * t, Bq = 1 + ck * (rho + rn);
+                gam = rn * rn * (A > Bq ? A : Bq);
+            } else if (rule == 2) {
+                gam = rn * lr_rm;
+            }
+            st[w] = lr / (gam > 1 ? gam : 1);
+            dd[w] = rn;
+        }
+        for (int64_t k = 0; k < a; ++k)
+#pragma omp simd
+            for (int64_t w = 0; w < KG_W; ++w) {
+                T y = x[k][w] - st[w] * g[k][w];
+                x[k][w] = y;
+                yy[w] += y * y;
+            }
+        int bad = 0;
+#pragma omp simd reduction(| : bad)
+        for (int64_t w = 0; w < KG_W; ++w) {
+            bad |= !(yy[w] > 0 && yy[w] <= big) | !(dd[w] <= big) | !(fabs(db[w]) <= big);
+            c[w] = r / sqrt(yy[w]);
+            coef[w] = c[w] * st[w] * db[w] * ir2;
+        }
+        if (bad) { /* an overflowing sum: redo this batch's components in double, rescaled */
+            for (int64_t w = 0; w < nw; ++w)
+                NAME(comp_safe)(it, X + base[w], Gp + base[w], Bp ? Bp + base[w] : NULL, a, s,
+                                mu, damp, nest, c0 + w);
+            continue;
+        }
+        for (int64_t w = 0; w < nw; ++w) {
+            if (it->rn_out) it->rn_out[c0 + w] = dd[w];
+            if (it->step_out) it->step_out[c0 + w] = st[w];
+        }
+        if (nw == KG_W && s == 1) {
+            T *xp = X + c0 * a, *bp = Bp ? Bp + c0 * a : NULL;
+            for (int64_t k = 0; k < a; ++k)
+#pragma omp simd
+                for (int64_t w = 0; w < KG_W; ++w) {
+                    const T xn = c[w] * x[k][w];
+                    xp[w * a + k] = xn;
+                    if (has_b) bp[w * a + k] = b[k][w] + coef[w] * xn;
+                }
+        } else {
+            for (int64_t k = 0; k < a; ++k)
+                for (int64_t w = 0; w < nw; ++w) {
+                    const T xn = c[w] * x[k][w];
+                    X[base[w] + k * s] = xn;
+                    if (has_b) Bp[base[w] + k * s] = b[k][w] + coef[w] * xn;
+                }
+        }
+    }
+}
+
+/* Components of exactly 3 entries (3x3 kernels), in registers: one loop iteration per block
+ * of 3*S entries holding S components (column j of block i: entries 3*S*i + j + S*k), a
+ * branch-free body, so the loop over blocks vectorises (strided loads become shuffles) and
+ * all per-component scalars (norms, square roots, step rule) are vector lanes.  Blocks are
+ * done KG_CH at a time into local buffers, copied back when no sum of the chunk overflowed
+ * (the usual case); a block with an overflowing sum is redone by comp_safe instead. */
+#define KG_CH 256
+#define KG_DEF_SHORT3(S, HB)                                                                 \
+    static void NAME(short3_##S##_##HB)(const kg_item *it, double mu, double damp,           \
+                                         int nest) {                                         \
+        T *X = (T *)it->x;                                                                   \
+        const T *G = (const T *)it->g;                                                       \
+        T *Bp = (T *)it->b;                                                                  \
+        const int64_t nblk = it->nblk;                                                       \
+        const int rule = it->rule;                                                           \
+        const T ir2 = (T)(1.0 / (it->r * it->r)), tmu = (T)mu, r = (T)it->r;                 \
+        const T cu = (T)(it->fresh ? 1.0 : 1.0 - damp), mb = (T)(it->fresh ? 0.0 : mu);      \
+        const T cen = (T)(it->center ? 1.0 / 3.0 : 0.0), tn = (T)(nest ? 1 : 0);             \
+        const T rho = (T)it->rho, ck = (T)it->ck, lr = (T)it->lr;                            \
+        const T lr_rm = (T)(it->lr / it->rho_max);                                           \
+        const T w1 = (T)(rule == 1), w2 = (T)(rule == 2);                                    \
+        const T big = (T)(sizeof(T) == 4 ? 3.4028234663852886e38 : 1.7976931348623157e308);  \
+        /* structure of arrays: entry e of block i at [e][i] (unit-stride vector stores) */   \
+        T NX[3 * S][KG_CH], NB[3 * S][KG_CH], RN[S][KG_CH], ST[S][KG_CH];                    \
+        int OK[KG_CH];                                                                       \
+        for (int64_t i0 = 0; i0 < nblk; i0 += KG_CH) {                                       \
+            const int64_t m = nblk - i0 < KG_CH ? nblk - i0 : KG_CH;                         \
+            const T *x = X + 3 * S * i0, *g = G + 3 * S * i0;                                \
+            const T *b = HB ? Bp + 3 * S * i0 : x;                                           \
+            int nok = 0;                                                                     \
+            _Pragma("omp simd reduction(+ : nok)")                                           \
+            for (int64_t i = 0; i < m; ++i) {                                                \
+                int ok = 1;                                                                  \
+                for (int j = 0; j < S; ++j) {                                                \
+                    const int64_t e = 3 * S * i + j;                                         \
+                    T x0 = x[e], x1 = x[e + S], x2 = x[e + 2 * S];                           \
+                    T g0 = g[e], g1 = g[e + S], g2 = g[e + 2 * S];                           \
+                    T mg = (g0 + g1 + g2) * cen, sx = (x0 + x1 + x2) * cen * 3;              \
+                    T ac = (x0 * g0 + x1 * g1 + x2 * g2 - mg * sx) * ir2;                    \
+                    T u0 = g0 - mg - ac * x0, u1 = g1 - mg - ac * x1, u2 = g2 - mg - ac * x2; \
+                    T b0 = u0, b1 = u1, b2 = u2, d0 = u0, d1 = u1, d2 = u2, db = 0;          \
+                    if (HB) {                                                                \
+                        b0 = mb * b[e] + cu * u0;                                            \
+                        b1 = mb * b[e + S] + cu * u1;                                        \
+                        b2 = mb * b[e + 2 * S] + cu * u2;                                    \
+                        d0 = b0 + tn * (u0 + tmu * b0 - b0);                                 \
+                        d1 = b1 + tn * (u1 + tmu * b1 - b1);                                 \
+                        d2 = b2 + tn * (u2 + tmu * b2 - b2);                                 \
+                        db = d0 * b0 + d1 * b1 + d2 * b2;                                    \
+                    }                                                                        \
+                    T dd = d0 * d0 + d1 * d1 + d2 * d2, rn = sqrt(dd);                       \
+                    T t = 2 * rho + rn, A = t * t, Bq = 1 + ck * (rho + rn);                 \
+                    T gam = w1 * (rn * rn * (A > Bq ? A : Bq)) + w2 * (rn * lr_rm);          \
+                    T st = lr / (gam > 1 ? gam : 1);                                         \
+                    T y0 = x0 - st * d0, y1 = x1 - st * d1, y2 = x2 - st * d2;               \
+                    T yy = y0 * y0 + y1 * y1 + y2 * y2;                                      \
+                    ok &= (yy > 0) & (yy <= big) & (dd <= big) & (db <= big) & (db >= -big) &\
+                          (gam <= big);                                                      \
+                    T c = r / sqrt(yy), coef = c * st * db * ir2;                            \
+                    NX[j][i] = c * y0;                                                       \
+                    NX[j + S][i] = c * y1;                                                   \
+                    NX[j + 2 * S][i] = c * y2;                                               \
+                    NB[j][i] = b0 + coef * NX[j][i];                                         \
+                    NB[j + S][i] = b1 + coef * NX[j + S][i];                                 \
+                    NB[j + 2 * S][i] = b2 + coef * NX[j + 2 * S][i];                         \
+                    RN[j][i] = rn;                                                           \
+                    ST[j][i] = st;                                                           \
+                }                                                                            \
+                OK[i] = ok;                                                                  \
+                nok += ok;                                                                   \
+            }                                                                                \
+            T *xw = X + 3 * S * i0, *bw = HB ? Bp + 3 * S * i0 : NULL;                       \
+            if (nok == m) { /* the usual case: interleave the chunk back (shuffles) */       \
+                for (int64_t i = 0; i < m; ++i)                                              \
+                    for (int e = 0; e < 3 * S; ++e) xw[3 * S * i + e] = NX[e][i];            \
+                for (int64_t i = 0; HB && i < m; ++i)                                        \
+                    for (int e = 0; e < 3 * S; ++e) bw[3 * S * i + e] = NB[e][i];            \
+                for (int64_t i = 0; it->rn_out && i < m; ++i)                                \
+                    for (int j = 0; j < S; ++j) it->rn_out[(i0 + i) * S + j] = RN[j][i];     \
+                for (int64_t i = 0; it->step_out && i < m; ++i)                              \
+                    for (int j = 0; j < S; ++j) it->step_out[(i0 + i) * S + j] = ST[j][i];   \
+                continue;                                                                    \
+            }                                                                                \
+            for (int64_t i = 0; i < m; ++i) {                                                \
+                if (!OK[i]) { /* rare: an overflowing sum; redo in double */     \
+                    for (int j = 0; j < S; ++j) {                                            \
+                        const int64_t e = 3 * S * i + j;                                     \
+                        NAME(comp_safe)(it, xw + e, g + e, HB ? bw + e : NULL, 3, S, mu,     \
+                                        damp, nest, (i0 + i) * S + j);                       \
+                    }                                                                        \
+                    continue;                                                                \
+                }                                                                            \
+                for (int e = 0; e < 3 * S; ++e) xw[3 * S * i + e] = NX[e][i];                \
+                if (HB)                                                                      \
+                    for (int e = 0; e < 3 * S; ++e) bw[3 * S * i + e] = NB[e][i];            \
+                for (int j = 0; j < S; ++j) {                                                \
+                    if (it->rn_out) it->rn_out[(i0 + i) * S + j] = RN[j][i];                 \
+                    if (it->step_out) it->step_out[(i0 + i) * S + j] = ST[j][i];             \
+                }                                                                            \
+            }                                                                                \
+        }                                                                                    \
+    }
+KG_DEF_SHORT3(1, 0)
+KG_DEF_SHORT3(1, 1)
+
+static void NAME(short_any)(const kg_item *it, double mu, double damp, int nest) {
+    NAME(short_impl)(it, mu, damp, nest, it->a, it->s);
+}
+/* Columns of a*s slices (s > 1, a > KG_SHORT): component by component, in double. */
+static void NAME(cols)(const kg_item *it, double mu, double damp, int nest) {
+    const int64_t a = it->a, s = it->s;
+    for (int64_t i = 0; i < it->nblk; ++i)
+        for (int64_t j = 0; j < s; ++j) {
+            const int64_t off = i * a * s + j;
+            NAME(comp_safe)(it, (T *)it->x + off, (const T *)it->g + off,
+                            it->b ? (T *)it->b + off : NULL, a, s, mu, damp, nest, i * s + j);
+        }
+}
+
+/* One step of every item; returns the number of items updated (all of them), or -1 when an
+ * item's layout is out of range (nothing written). */
+int64_t NAME(kg_sphere_step)(const kg_item *items, int64_t n, double mu, double damp,
+                             int32_t nest) {
+    for (int64_t i = 0; i < n; ++i)
+        if (items[i].s > KG_MAXS || items[i].s < 1 || items[i].a < 1) return -1;
+    for (int64_t i = 0; i < n; ++i) {
+        const kg_item *it = &items[i];
+        const int hb = it->b != NULL;
+        if (it->a == 3 && it->s == 1) {
+            if (hb) NAME(short3_1_1)(it, mu, damp, nest);
+            else NAME(short3_1_0)(it, mu, damp, nest);
+        }
+        else if (it->a <= KG_SHORT) NAME(short_any)(it, mu, damp, nest);
+        else if (it->s == 1) NAME(rows)(it, mu, damp, nest);
+        else NAME(cols)(it, mu, damp, nest);
+    }
+    return n;
+}
+
+#endif

@@ -1,0 +1,237 @@
+"""The fused CPU kernels of ``kernelgeo.optim.native``: same iterates as the torch path.
+
+Every kernel variant is reached: long rows (spheres), the vectorised 3-entry columns (oblique
+kernels in the layout ``constrain`` gives them), short components of any length and stride
+(contiguous oblique kernels, slices), long strided columns, and the double-precision rescaled
+fallback for sums that overflow.  Skipped when no C compiler is available.
+"""
+
+from __future__ import annotations
+
+import copy
+import io
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from kernelgeo._compat import geoopt
+from kernelgeo.manifolds import get_manifold
+from kernelgeo.optim import ConvergentRSGD, NonFiniteGradientError, native
+
+pytestmark = pytest.mark.skipif(not native.available(),
+                                reason=f"no native kernels: {native.unavailable_reason()}")
+
+CONFIGS = [dict(momentum=0.0), dict(momentum=0.9), dict(momentum=0.9, nesterov=True),
+           dict(momentum=0.5, dampening=0.3)]
+#: (manifold, kernel shape, layout) covering every C kernel: rows (long rows), short3 (3-entry
+#: contiguous columns), short_any (short components, any stride), cols (long strided columns)
+CASES = [
+    ("sphere", (8, 4, 3, 3), "contiguous"),           # rows, n = 36
+    ("sphere", (6, 2, 2, 2), "contiguous"),           # short_any, n = 8
+    ("sphere", (8, 4, 3, 3), "channels_last"),        # rows, inner order permuted
+    ("centered-sphere", (8, 4, 3, 3), "contiguous"),  # rows with centring
+    ("centered-sphere", (5, 1, 2, 2), "contiguous"),  # short_any with centring
+    ("oblique", (8, 4, 3, 3), "manifold"),            # short3: columns contiguous
+    ("oblique", (8, 4, 3, 3), "contiguous"),          # short_any: a = 3, s = 3
+    ("oblique", (4, 3, 5, 5), "contiguous"),          # short_any: a = 5, s = 5
+    ("oblique", (3, 2, 20, 3), "contiguous"),         # cols: a = 20 > 16, s = 3
+    ("oblique", (3, 2, 20, 3), "manifold"),           # rows: a = 20 columns contiguous
+    ("oblique", (4, 3, 7), "contiguous"),             # Conv1d: columns are the rows
+    ("oblique-slice", (8, 4, 3, 3), "contiguous"),    # short_any, a = 9
+]
+
+
+def _layout(t: torch.Tensor, layout: str) -> torch.Tensor:
+    if layout == "contiguous":
+        return t.contiguous()
+    if layout == "channels_last":
+        return t.contiguous(memory_format=torch.channels_last)
+    return t  # as the manifold's projection/sampling stores it
+
+
+def _pair(spec, shape, layout, dtype, gen, n=2):
+    m = get_manifold(spec)
+    ps = [geoopt.ManifoldParameter(_layout(m.random(shape, dtype=dtype, generator=gen), layout),
+                                   manifold=m) for _ in range(n)]
+    ps.append(torch.nn.Parameter(torch.randn(5, dtype=dtype, generator=gen)))
+    qs = [geoopt.ManifoldParameter(p.detach().clone(), manifold=p.manifold)
+          if hasattr(p, "manifold") else torch.nn.Parameter(p.detach().clone()) for p in ps]
+    return m, ps, qs
+
+
+def _feed(ps, qs, gen, scale=1.0):
+    for p, q in zip(ps, qs, strict=True):
+        g = torch.randn(p.shape, dtype=p.dtype, generator=gen) * scale
+        # like AccumulateGrad: the gradient has the parameter's strides
+        p.grad = torch.empty_like(p.detach()).copy_(g)
+        q.grad = torch.empty_like(q.detach()).copy_(g)
+
+
+def _n_native(opt) -> int:
+    return sum(len(gp.native) for gp in opt._plan)
+
+
+def _compare(opt_a, opt_b, ps, qs, tol):
+    for p, q in zip(ps, qs, strict=True):
+        assert (p.detach() - q.detach()).abs().max() <= tol
+        sa, sb = opt_a.state[p], opt_b.state[q]
+        for key in ("momentum_blocks",):
+            for a, b in zip(sa.get(key, []), sb.get(key, []), strict=True):
+                assert (a - b).abs().max() <= 10 * tol
+
+
+@pytest.mark.parametrize("case", CASES, ids=lambda c: f"{c[0]}-{'x'.join(map(str, c[1]))}-{c[2]}")
+@pytest.mark.parametrize("rule", ["gsgd", "bounded", "none"])
+def test_native_matches_torch_path(case, rule, dtype, gen):
+    spec, shape, layout = case
+    tol = 1e-12 if dtype == torch.float64 else 2e-6
+    for cfg in CONFIGS:
+        m, ps, qs = _pair(spec, shape, layout, dtype, gen)
+        a = ConvergentRSGD(ps, lr=0.3, step_rule=rule, native=True, **cfg)
+        b = ConvergentRSGD(qs, lr=0.3, step_rule=rule, native=False, **cfg)
+        for _ in range(4):
+            _feed(ps, qs, gen)
+            a.step()
+            b.step()
+        assert _n_native(a) == 2 and _n_native(b) == 0
+        _compare(a, b, ps, qs, tol)
+        for p in ps[:-1]:
+            assert m.constraint_error(p) < (1e-12 if dtype == torch.float64 else 2e-6)
+
+
+def test_reference_path_agrees_on_a_conv_net(gen):
+    """A small CNN constrained per layer (the layouts ``constrain`` produces): native, torch
+    and per-parameter reference paths give the same weights and buffers."""
+    import kernelgeo
+
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3), torch.nn.ReLU(), torch.nn.Conv2d(8, 8, 3),
+                              torch.nn.ReLU(), torch.nn.Conv2d(8, 4, 1), torch.nn.Flatten(),
+                              torch.nn.LazyLinear(2)).double()
+    net(torch.zeros(1, 3, 8, 8, dtype=torch.float64))
+    kernelgeo.constrain(net, {"0": "oblique", "2": "sphere", "4": "centered-sphere"})
+    nets = [net, copy.deepcopy(net), copy.deepcopy(net)]
+    opts = [ConvergentRSGD(n.parameters(), lr=0.2, momentum=0.9, native=nat, batched=bat)
+            for n, nat, bat in zip(nets, (True, False, False), (True, True, False),
+                                   strict=True)]
+    for _ in range(5):
+        x = torch.randn(4, 3, 8, 8, dtype=torch.float64, generator=gen)
+        for n, o in zip(nets, opts, strict=True):
+            o.zero_grad()
+            n(x).square().mean().backward()
+            o.step()
+    assert _n_native(opts[0]) == 3
+    for a, b, c in zip(*(n.parameters() for n in nets), strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
+        torch.testing.assert_close(a, c, rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("case", [("sphere", (4, 3, 3, 3), "contiguous"),
+                                  ("oblique", (4, 3, 3, 3), "manifold"),
+                                  ("oblique", (4, 3, 3, 3), "contiguous"),
+                                  ("oblique", (3, 2, 20, 3), "contiguous")],
+                         ids=["rows", "short3", "short_any", "cols"])
+def test_overflowing_sums_fall_back_to_rescaled_double(case, dtype, gen):
+    """Gradients near the largest float overflow the fast kernels' sums of squares; the
+    rescaled double fallback still takes a finite step.  With ``bounded`` and a step longer
+    than the cap, the step is the cap along the direction, whatever the gradient's scale:
+    so it equals the reference path's step on the same gradient scaled down to 1e3."""
+    spec, shape, layout = case
+    big, small = (1e36 if dtype == torch.float32 else 1e300), 1e3
+    m, ps, qs = _pair(spec, shape, layout, dtype, gen, n=1)
+    a = ConvergentRSGD(ps, lr=0.5, step_rule="bounded", momentum=0.9, native=True)
+    b = ConvergentRSGD(qs, lr=0.5, step_rule="bounded", momentum=0.9, native=False,
+                       batched=False)
+    _feed(ps, qs, gen)
+    ps[0].grad.mul_(big)
+    qs[0].grad.mul_(small)
+    a.step()
+    b.step()
+    assert _n_native(a) == 1
+    assert torch.isfinite(ps[0]).all()
+    assert m.constraint_error(ps[0]) < (1e-12 if dtype == torch.float64 else 2e-6)
+    tol = 1e-10 if dtype == torch.float64 else 5e-6
+    assert (ps[0].detach() - qs[0].detach()).abs().max() <= tol
+    buf = a.state[ps[0]]["momentum_blocks"][0] / big
+    ref = b.state[qs[0]]["momentum_blocks"][0] / small
+    assert torch.isfinite(buf).all()
+    assert ((buf - ref).abs().max() / ref.abs().max()) <= tol
+
+
+@pytest.mark.parametrize("where", ["kernel", "euclidean"])
+def test_nonfinite_gradient_writes_nothing(where, gen):
+    m, ps, qs = _pair("oblique", (4, 3, 3, 3), "manifold", torch.float32, gen)
+    opt = ConvergentRSGD(ps, lr=0.3, momentum=0.9, native=True)
+    _feed(ps, qs, gen)
+    opt.step()
+    before = [p.detach().clone() for p in ps]
+    bufs = [b.clone() for p in ps[:-1] for b in opt.state[p]["momentum_blocks"]]
+    _feed(ps, qs, gen)
+    bad = ps[0] if where == "kernel" else ps[-1]
+    bad.grad[(0,) * bad.dim()] = float("nan")
+    with pytest.raises(NonFiniteGradientError):
+        opt.step()
+    for p, b0 in zip(ps, before, strict=True):
+        assert torch.equal(p.detach(), b0)
+    after = [b for p in ps[:-1] for b in opt.state[p]["momentum_blocks"]]
+    assert all(torch.equal(x, y) for x, y in zip(bufs, after, strict=True))
+
+
+def test_stats_state_dict_and_version_counter(gen):
+    m, ps, qs = _pair("sphere", (6, 4, 3, 3), "contiguous", torch.float64, gen)
+    a = ConvergentRSGD(ps, lr=0.3, momentum=0.9, native=True, log_stats=True)
+    b = ConvergentRSGD(qs, lr=0.3, momentum=0.9, native=False, log_stats=True)
+    _feed(ps, qs, gen)
+    v0 = ps[0]._version
+    a.step()
+    b.step()
+    assert ps[0]._version > v0  # autograd sees the in-place update
+    for k in ("R_max", "R_mean", "g_min", "g_mean", "step_max", "step_over_inj_max"):
+        torch.testing.assert_close(a.last_stats[0][k], b.last_stats[0][k])
+    # state_dict round trip mid-training continues identically
+    buf = io.BytesIO()
+    torch.save(a.state_dict(), buf)
+    ps2 = [geoopt.ManifoldParameter(p.detach().clone(), manifold=p.manifold)
+           if hasattr(p, "manifold") else torch.nn.Parameter(p.detach().clone()) for p in ps]
+    a2 = ConvergentRSGD(ps2, lr=0.3, momentum=0.9, native=True)
+    buf.seek(0)
+    a2.load_state_dict(torch.load(buf))
+    for _ in range(3):
+        _feed(ps, ps2, gen)
+        a.step()
+        a2.step()
+    for p, q in zip(ps, ps2, strict=True):
+        assert torch.equal(p.detach(), q.detach())
+
+
+def test_native_option():
+    p = torch.nn.Parameter(torch.zeros(2))
+    with pytest.raises(ValueError, match="native"):
+        ConvergentRSGD([p], lr=0.1, native="yes")
+    saved = native._tried, native._lib, native._error
+    try:
+        native._tried, native._lib, native._error = True, None, "no C compiler (test)"
+        with pytest.raises(RuntimeError, match="no C compiler"):
+            ConvergentRSGD([p], lr=0.1, native=True)
+        ConvergentRSGD([p], lr=0.1)  # default: falls back silently
+    finally:
+        native._tried, native._lib, native._error = saved
+
+
+def test_build_cache_and_disable(tmp_path):
+    """A fresh cache directory gets one compiled library; KERNELGEO_NATIVE=0 disables."""
+    code = ("from kernelgeo.optim import native; print(native.available(), "
+            "native.unavailable_reason())")
+    env = dict(os.environ, KERNELGEO_CACHE_DIR=str(tmp_path))
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
+                         timeout=300)
+    assert out.stdout.split()[0] == "True", out.stderr
+    libs = list(tmp_path.glob("native-*.so"))
+    assert len(libs) == 1 and not list(tmp_path.glob("*.tmp*"))
+    env["KERNELGEO_NATIVE"] = "0"
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
+                         timeout=300)
+    assert out.stdout.startswith("False disabled")
