@@ -97,6 +97,25 @@ def timeit(fn, *, repeat: int = 7, number: int = 5, sync=None) -> float:
     return statistics.median(runs)
 
 
+def timeit_interleaved(fns: dict, *, repeat: int = 7, number: int = 5, sync=None) -> dict:
+    """Like :func:`timeit` for several functions, measured in alternating rounds so that they
+    all see the same machine load (this 2-core machine is shared); medians, in seconds."""
+    runs: dict = {k: [] for k in fns}
+    for fn in fns.values():
+        fn()
+    if sync:
+        sync()
+    for _ in range(repeat):
+        for k, fn in fns.items():
+            t = time.perf_counter()
+            for _ in range(number):
+                fn()
+            if sync:
+                sync()
+            runs[k].append((time.perf_counter() - t) / number)
+    return {k: statistics.median(v) for k, v in runs.items()}
+
+
 def machine() -> str:
     cpu = "unknown CPU"
     try:

@@ -1,7 +1,11 @@
 """Time one optimizer step on the parameters of ResNet-20 / ResNet-50.
 
-Anchors measured in the same run: ``torch.optim.SGD(foreach=True)`` on the same parameters
-(plain tensors) and ``geoopt.optim.RiemannianSGD`` on the same manifold parameters.
+Anchors measured in the same run: ``torch.optim.SGD(foreach=True)`` and ``(fused=True)`` on
+the same parameters (plain tensors) and ``geoopt.optim.RiemannianSGD`` on the same manifold
+parameters.  ConvergentRSGD is timed twice: as used by default (fused CPU kernels of
+:mod:`kernelgeo.optim.native` where they apply) and restricted to torch ops
+(``native=False``, the path a GPU takes).  The SGD anchors and both ConvergentRSGD variants
+run in alternating rounds, so that they see the same machine load.
 
     python bench/optimizer_step.py [--models resnet20 resnet50] [--manifolds sphere ...]
         [--device cpu] [--momentum 0.9] [--markdown FILE]
@@ -23,6 +27,7 @@ from bench.common import (  # noqa: E402
     fill_grads,
     publish,
     timeit,
+    timeit_interleaved,
 )
 from kernelgeo._compat import geoopt  # noqa: E402
 from kernelgeo.optim import ConvergentRSGD  # noqa: E402
@@ -33,17 +38,23 @@ def measure(model_name, manifolds, device, momentum, repeat, number, geoopt_max_
     sync = torch.cuda.synchronize if device.startswith("cuda") else None
     base = build_model(model_name).to(device)
     fill_grads(base)
-    sgd_model = copy.deepcopy(base)
-    fill_grads(sgd_model)
-    sgd = torch.optim.SGD(sgd_model.parameters(), lr=1e-3, momentum=momentum, foreach=True)
-    t_sgd = timeit(sgd.step, repeat=repeat, number=number, sync=sync)
+    anchors = {}
+    for kind in ("foreach", "fused"):
+        sm = copy.deepcopy(base)
+        fill_grads(sm)
+        anchors[kind] = torch.optim.SGD(sm.parameters(), lr=1e-3, momentum=momentum,
+                                        foreach=kind == "foreach", fused=kind == "fused")
     rows = []
     for spec in manifolds:
-        m = constrain_model(copy.deepcopy(base), spec)
-        fill_grads(m)
-        ours = ConvergentRSGD(m.parameters(), lr=1e-3, momentum=momentum, step_rule=rule,
-                              stabilize=None)
-        t_ours = timeit(ours.step, repeat=repeat, number=number, sync=sync)
+        fns = {k: o.step for k, o in anchors.items()}
+        for native in (None, False):  # default (fused CPU kernels where they apply), torch ops
+            m = constrain_model(copy.deepcopy(base), spec)
+            fill_grads(m)
+            fns[f"ours-{native}"] = ConvergentRSGD(m.parameters(), lr=1e-3, momentum=momentum,
+                                                   step_rule=rule, stabilize=None,
+                                                   native=native).step
+        # anchors and both paths of ours in alternating rounds: the same load for all
+        t = timeit_interleaved(fns, repeat=repeat, number=number, sync=sync)
         g = constrain_model(copy.deepcopy(base), spec)
         fill_grads(g)
         ref = geoopt.optim.RiemannianSGD(g.parameters(), lr=1e-3, momentum=momentum)
@@ -51,15 +62,20 @@ def measure(model_name, manifolds, device, momentum, repeat, number, geoopt_max_
         t1 = timeit(ref.step, repeat=1, number=1, sync=sync)
         t_geo = t1 if t1 > geoopt_max_s else timeit(ref.step, repeat=max(3, repeat // 2),
                                                     number=1, sync=sync)
-        rows.append([model_name, spec, f"{t_sgd * 1e3:.2f}", f"{t_ours * 1e3:.2f}",
-                     f"{t_geo * 1e3:.2f}", f"{t_ours / t_sgd:.2f}x", f"{t_geo / t_sgd:.1f}x",
-                     f"{t_geo / t_ours:.1f}x"])
+        t_sgd, t_fused, t_ours, t_torch = (t["foreach"], t["fused"], t["ours-None"],
+                                           t["ours-False"])
+        rows.append([model_name, spec, f"{t_sgd * 1e3:.2f}", f"{t_fused * 1e3:.2f}",
+                     f"{t_ours * 1e3:.2f}", f"{t_torch * 1e3:.2f}", f"{t_geo * 1e3:.2f}",
+                     f"{t_ours / t_sgd:.2f}x", f"{t_ours / t_fused:.2f}x",
+                     f"{t_geo / t_sgd:.1f}x", f"{t_geo / t_ours:.1f}x"])
         print(" | ".join(map(str, rows[-1])), flush=True)
     return rows
 
 
-HEADER = ["params of", "manifold", "torch SGD foreach (ms)", "ConvergentRSGD (ms)",
-          "geoopt RSGD (ms)", "ours / SGD", "geoopt / SGD", "speed-up vs geoopt"]
+HEADER = ["params of", "manifold", "torch SGD foreach (ms)", "torch SGD fused (ms)",
+          "ConvergentRSGD (ms)", "ConvergentRSGD, torch ops only (ms)", "geoopt RSGD (ms)",
+          "ours / SGD foreach", "ours / SGD fused", "geoopt / SGD foreach",
+          "speed-up vs geoopt"]
 
 
 def main(argv=None):

@@ -408,3 +408,24 @@ def test_batched_follows_replaced_parameter_storage(spec, gen):
         o2.step()
     for a, b in zip(ps, qs, strict=True):
         assert (a.detach() - b.detach()).abs().max() < 1e-10
+
+
+def test_deepcopy_and_pickle_keep_the_configuration(gen):
+    """``Optimizer.__getstate__`` keeps only defaults, state and groups: ours adds its
+    configuration, so a copied optimizer steps like the original (plans are rebuilt)."""
+    m = get_manifold("sphere")
+    p = geoopt.ManifoldParameter(m.random((4, 3, 3, 3), generator=gen), manifold=m)
+    opt = ConvergentRSGD([p], lr=0.2, momentum=0.9, step_rule="bounded", nonfinite="skip")
+    p.grad = torch.randn(p.shape, generator=gen)
+    opt.step()
+    for other in (copy.deepcopy(opt), None):
+        if other is None:
+            buf = io.BytesIO()
+            torch.save(opt, buf)
+            buf.seek(0)
+            other = torch.load(buf, weights_only=False)
+        assert other.nonfinite == "skip" and other.param_groups[0]["step_rule"] == "bounded"
+        q = other.param_groups[0]["params"][0]
+        q.grad = p.grad.clone()
+        other.step()
+        assert m.constraint_error(q) < 1e-5

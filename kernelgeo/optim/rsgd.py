@@ -178,6 +178,22 @@ class ConvergentRSGD(RiemannianSGD):
         super(RiemannianSGD, self).__init__(params, defaults, stabilize=stabilize)
 
     # ----------------------------------------------------------------- bookkeeping
+    #: configuration kept by pickling/deepcopy (``Optimizer.__getstate__`` keeps only
+    #: defaults, state and groups); plans and caches are rebuilt on the next step
+    _PICKLED = ("nonfinite", "batched", "log_stats", "guarantee", "chunk_numel",
+                "radius_scaling", "skipped_steps", "native", "_schedule_ok",
+                "_warned_foreign", "_stabilize")
+
+    def __getstate__(self):
+        st = super().__getstate__()
+        st.update({k: self.__dict__[k] for k in self._PICKLED if k in self.__dict__})
+        return st
+
+    def __setstate__(self, state):
+        super().__setstate__(state)
+        self.last_stats = []
+        self._plan = self._plan_sig = self._plan_native = self._native_cache = None
+
     def add_param_group(self, param_group: dict):
         rule = param_group.get("step_rule", self.defaults["step_rule"])
         if rule not in RULES:
