@@ -151,6 +151,10 @@ def publish(rows: list[list], header: list[str], *, heading: str, script: str,
     """Print the table; with ``markdown``, append it under ``heading`` with date, machine and
     the command that produced it (the format of ``bench/RESULTS.md``)."""
     md = table(rows, header)
+    argv = list(argv)
+    if "--markdown" in argv:  # where the table was written is not part of the command
+        i = argv.index("--markdown")
+        del argv[i:i + 2]
     print()
     print(md)
     if markdown:

@@ -3,7 +3,7 @@ r"""Fused CPU kernels for sphere-like kernel manifolds (optional, compiled on fi
 The eager fast path of :mod:`kernelgeo.optim.batched` needs about nine elementwise passes
 over a sphere or oblique kernel plus Python and dispatch work per chunk; ``torch.optim.SGD``
 needs three.  ``native_kernels.c`` (shipped with the package) does the whole step of
-:func:`~kernelgeo.optim.batched.sphere_apply` (Riemannian gradient, momentum, step rule,
+``kernelgeo.optim.batched.sphere_apply`` (Riemannian gradient, momentum, step rule,
 retraction, transport) in one pass over each row or column, reading every row from the CPU
 caches, for all kernels of a step in a single call, in the kernels' own layout (no gathering,
 no transposing copies).  Row/column sums are accumulated in double.
