@@ -17,9 +17,15 @@
  *   g_k = lambda / max(1, Gamma(||d||))             (step rule)
  *   x'  = r y/||y||, y = x - g_k d                  (exact retraction)
  *   B'  = B - <x', B>/r^2 x' = B + c g_k <d, B>/r^2 x',  c = r/||y||
- * Sums are accumulated in double (no overflow for float32 data; float32 results match
- * the float32 torch path to rounding).  Every component is read four times (sums; buffer
- * and norms; ||y||; write), all from cache: one component is at most a few kB.
+ * Kernels (chosen per item by kg_sphere_step):
+ *   rows       s = 1, a > KG_SHORT (sphere rows): three passes per row over cached data;
+ *   short3     a = 3, s = 1 (oblique columns of 3x3 kernels as constrain stores them): a
+ *              branch-free loop over columns that the compiler vectorises;
+ *   short_any  a <= KG_SHORT, any s: KG_W components at a time in local arrays;
+ *   cols       a > KG_SHORT, s > 1: component by component, in double (comp_safe).
+ * Sums use the data's precision with vector partial sums; a component whose sums overflow
+ * (entries near the largest float) is recomputed in double with rescaling (comp_safe) before
+ * anything of it is written.  Results equal the torch path's to rounding.
  */
 #include <math.h>
 #include <stddef.h>
@@ -34,9 +40,9 @@
 #define KG_W 16     /* components per batch of the short kernel */
 
 typedef struct {
-    void *x;           /* kernel, C-contiguous */
-    const void *g;     /* gradient, C-contiguous, same shape */
-    void *b;           /* momentum buffer, C-contiguous (NULL: no momentum) */
+    void *x;           /* kernel, dense, in the layout above */
+    const void *g;     /* gradient, same layout */
+    void *b;           /* momentum buffer, same layout (NULL: no momentum) */
     double *rn_out;    /* per component ||d|| (NULL: not recorded) */
     double *step_out;  /* per component step size (NULL: not recorded) */
     int64_t nblk, a, s;
@@ -60,8 +66,7 @@ static double kg_step_size(const kg_item *it, double rn) {
     return it->lr / (gam > 1.0 ? gam : 1.0);
 }
 
-/* r / ||y|| from the accumulated sum of squares; yy overflows only for float64 data with
- * entries near 1e154, where the caller rescales (see *_scaled_norm). */
+/* a sum of squares that can be used: positive and finite (else: rescaled fallback) */
 #define KG_OK_SUM(v) ((v) > 0.0 && isfinite(v))
 
 #define T float
@@ -281,14 +286,13 @@ static void NAME(rows)(const kg_item *it, double mu, double damp, int nest) {
     }
 }
 
-/* Short components (a <= KG_SHORT, e.g. the 3-entry columns of 3x3 kernels), any s: the
- * per-component scalar work (square roots, divisions, loop set-up) would dominate a
- * component-by-component kernel, so KG_W components at a time are copied into local arrays
- * (entry k of component w at [k][w]) and every step is a loop over w that the compiler
- * vectorises.  Component c has its entries at (c / s) * a * s + c % s + k * s.  Inlined into
- * versions with constant (a, s) for the common 3x3 layouts, where the copies vectorise. */
-static inline __attribute__((always_inline)) void NAME(short_impl)(
-    const kg_item *it, double mu, double damp, int nest, const int64_t a, const int64_t s) {
+/* Short components (a <= KG_SHORT), any s: the per-component scalar work (square roots,
+ * divisions, loop set-up) would dominate a component-by-component kernel, so KG_W components
+ * at a time are copied into local arrays (entry k of component w at [k][w]) and every step is
+ * a loop over w that the compiler vectorises.  Component c has its entries at
+ * (c / s) * a * s + c % s + k * s. */
+static void NAME(short_any)(const kg_item *it, double mu, double damp, int nest) {
+    const int64_t a = it->a, s = it->s;
     T *X = (T *)it->x;
     const T *Gp = (const T *)it->g;
     T *Bp = (T *)it->b;
@@ -523,9 +527,6 @@ static inline __attribute__((always_inline)) void NAME(short_impl)(
 KG_DEF_SHORT3(1, 0)
 KG_DEF_SHORT3(1, 1)
 
-static void NAME(short_any)(const kg_item *it, double mu, double damp, int nest) {
-    NAME(short_impl)(it, mu, damp, nest, it->a, it->s);
-}
 /* Columns of a*s slices (s > 1, a > KG_SHORT): component by component, in double. */
 static void NAME(cols)(const kg_item *it, double mu, double damp, int nest) {
     const int64_t a = it->a, s = it->s;
