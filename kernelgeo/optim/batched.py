@@ -197,8 +197,9 @@ class Chunk:
 
 @dataclass
 class NativeMember:
-    """A whole kernel updated in place by the fused CPU kernel (:mod:`~kernelgeo.optim.native`):
-    ``nblk`` blocks of ``a*s`` entries, component ``(blk, j)`` = entries ``k*s + j``."""
+    """A kernel, or a dense block of a product kernel (a range of output channels), updated in
+    place by the fused CPU kernel (:mod:`~kernelgeo.optim.native`): ``nblk`` blocks of ``a*s``
+    entries, component ``(blk, j)`` = entries ``k*s + j``."""
 
     param: torch.Tensor
     index: int
@@ -207,8 +208,13 @@ class NativeMember:
     nblk: int
     a: int
     s: int
-    buf: torch.Tensor | None = None  # momentum, the parameter's shape, contiguous
+    block: int = 0  # index of the block in the parameter's manifold
+    bidx: tuple | None = None  # slices of the block (None: the whole parameter)
+    buf: torch.Tensor | None = None  # momentum, the block's shape and strides
     fresh: bool = False  # ``buf`` is new: published in the state after the first step
+
+    def sub(self, t: torch.Tensor) -> torch.Tensor:
+        return t if self.bidx is None else t[self.bidx]
 
     @property
     def ncomp(self) -> int:
@@ -269,7 +275,7 @@ def _native_shape(lay: _Layout, p: torch.Tensor) -> tuple[int, int, int] | None:
 def build_group_plan(group: dict, state, *, chunk_numel: int, max_step: float,
                      has_grad: list[bool], native: bool = False) -> GroupPlan:
     """Split a param group's parameters with a gradient into Euclidean and chunked kernels
-    (and whole sphere-like kernels for the fused CPU kernel when ``native``)."""
+    (and dense sphere-like kernels or product blocks for the fused CPU kernel when ``native``)."""
     euclid, foreign, nat = [], [], []
     by_key: dict[tuple, list[tuple[_Layout, Member]]] = {}
     for i, p in enumerate(group["params"]):
@@ -287,11 +293,13 @@ def build_group_plan(group: dict, state, *, chunk_numel: int, max_step: float,
             bidx = None if bidx is None or len(blocks) == 1 else bidx
             shape = tuple(p.shape) if bidx is None else KernelProduct._sub(p.shape, bidx)
             lay = _Layout(_kind(bm), bm, shape)
-            ns = _native_shape(lay, p) if native and bidx is None else None
+            # blocks too, when dense (PO blocks: ranges of output channels of a dense kernel)
+            ns = _native_shape(lay, p.detach() if bidx is None else p.detach()[bidx]) \
+                if native else None
             if ns is not None:
                 consts = rule_constants(group["step_rule"], lay.m, lay.shape,
                                         rho=group["rho"], max_step=max_step)
-                nat.append(NativeMember(p, i, lay, consts, *ns))
+                nat.append(NativeMember(p, i, lay, consts, *ns, block=b, bidx=bidx))
                 continue
             key = (lay.key, p.dtype, p.device)
             by_key.setdefault(key, []).append((lay, Member(p, i, b, bidx, shape)))
@@ -501,17 +509,19 @@ def attach_momentum(chunk: Chunk, state, new_bufs: dict) -> None:
 
 
 def attach_native_momentum(nm: NativeMember, state, new_bufs: dict) -> None:
-    """The state tensor itself is the buffer the fused kernel updates (the parameter's strides)."""
+    """The state tensor itself is the buffer the fused kernel updates (with the strides of the
+    parameter's block, so that entries correspond one to one)."""
+    x = nm.sub(nm.param.detach())
     blocks = state[nm.param].get("momentum_blocks")
-    if blocks is None or blocks[0] is None:
-        key = (id(nm.param), 0)
+    if blocks is None or blocks[nm.block] is None:
+        key = (id(nm.param), nm.block)
         if key not in new_bufs:
-            new_bufs[key] = torch.zeros_like(nm.param.detach())  # the parameter's strides
+            new_bufs[key] = torch.zeros_like(x)  # preserves the block's strides
         nm.buf, nm.fresh = new_bufs[key], True
     else:
-        buf = blocks[0]
-        if buf.stride() != nm.param.stride() or buf.dtype != nm.param.dtype:
-            buf = blocks[0] = torch.empty_like(nm.param.detach()).copy_(buf)
+        buf = blocks[nm.block]
+        if buf.stride() != x.stride() or buf.dtype != x.dtype:
+            buf = blocks[nm.block] = torch.empty_like(x).copy_(buf)
         nm.buf, nm.fresh = buf, False
 
 

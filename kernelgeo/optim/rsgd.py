@@ -105,11 +105,13 @@ class ConvergentRSGD(RiemannianSGD):
     chunk_numel : int
         Size of the batched chunks of the fast path (see :mod:`~kernelgeo.optim.batched`).
     native : bool or None
-        Fused CPU kernels (:mod:`~kernelgeo.optim.native`) for whole sphere, centred-sphere
-        and oblique kernels on the CPU in float32/float64 (one pass per row or column, no
-        copies): ``None`` (default) uses them when they can be compiled, ``True`` requires
-        them (``RuntimeError`` otherwise), ``False`` never uses them.  Same iterates as the
-        torch path up to rounding (tested).
+        Fused CPU kernels (:mod:`~kernelgeo.optim.native`) for sphere, centred-sphere and
+        oblique kernels (and such blocks of products that split output channels) on the
+        CPU in float32/float64, and torch's fused SGD kernel for Euclidean CPU parameters
+        (three passes per row or column from cache, no copies): ``None`` (default) uses
+        them when they can be compiled, ``True`` requires them (``RuntimeError``
+        otherwise), ``False`` never uses them.  Same iterates as the torch path up to
+        rounding (tested).
 
     Notes
     -----
@@ -495,7 +497,7 @@ class ConvergentRSGD(RiemannianSGD):
                 arr = (_native.Item * len(mems))()
                 for it, nm in zip(arr, mems, strict=True):
                     c = nm.consts
-                    it.x = nm.param.data_ptr()
+                    it.x = nm.sub(nm.param.detach()).data_ptr()
                     it.b = None if nm.buf is None else nm.buf.data_ptr()
                     it.nblk, it.a, it.s = nm.nblk, nm.a, nm.s
                     it.center, it.r = int(nm.layout.center), float(nm.layout.r)
@@ -519,8 +521,9 @@ class ConvergentRSGD(RiemannianSGD):
                 g = nm.param.grad
                 if g.is_sparse:
                     raise RuntimeError("ConvergentRSGD does not support sparse gradients")
-                if g.stride() != nm.param.stride() or g.dtype != dtype:
-                    g = torch.empty_like(nm.param.detach()).copy_(g)
+                g, x = nm.sub(g), nm.sub(nm.param.detach())
+                if g.stride() != x.stride() or g.dtype != dtype:
+                    g = torch.empty_like(x).copy_(g)
                     keep.append(g)
                 it.g = g.data_ptr()
                 lr = group["lr"]
@@ -551,13 +554,14 @@ class ConvergentRSGD(RiemannianSGD):
             for it in arr:
                 it.rn_out = it.step_out = None
             # raw writes bypass autograd's version counters: bump them like an in-place op
-            touched = [nm.param for nm in mems] + [nm.buf for nm in mems if nm.buf is not None]
+            touched = list({id(nm.param): nm.param for nm in mems}.values())
+            touched += [nm.buf for nm in mems if nm.buf is not None]
             torch.autograd.graph.increment_version(touched)
             for nm in mems:
                 if nm.fresh and nm.buf is not None:
                     st_ = self.state[nm.param]
                     blocks = st_.setdefault("momentum_blocks", [None] * _nblocks(nm.param))
-                    blocks[0] = nm.buf
+                    blocks[nm.block] = nm.buf
                 nm.fresh = False
         return out
 
