@@ -159,7 +159,7 @@ def test_closure_and_lr_scheduler(gen):
 
     losses = []
     for _ in range(4):
-        losses.append(float(opt.step(closure)))
+        losses.append(opt.step(closure).item())
         sched.step()
     assert losses[-1] < losses[0]
     assert opt.param_groups[0]["lr"] == pytest.approx(0.005)
