@@ -297,3 +297,23 @@ def test_training_on_digits_matches_the_torch_path():
         assert _n_native(opt) == (3 if fused else 0)
     torch.testing.assert_close(curves[0], curves[1], rtol=2e-3, atol=2e-3)
     assert curves[0][-10:].mean() < 0.5 * curves[0][:5].mean()
+
+
+def test_a_build_failure_warns_and_falls_back(tmp_path):
+    """A compiler that fails is reported once (RuntimeWarning) and the torch path is used."""
+    fake = tmp_path / "badcc"
+    fake.write_text("#!/bin/sh\necho 'cc: internal error' >&2\nexit 1\n")
+    fake.chmod(0o755)
+    code = ("import warnings, torch\n"
+            "from kernelgeo.optim import ConvergentRSGD, native\n"
+            "with warnings.catch_warnings(record=True) as w:\n"
+            "    warnings.simplefilter('always')\n"
+            "    p = torch.nn.Parameter(torch.zeros(2)); p.grad = torch.ones(2)\n"
+            "    ConvergentRSGD([p], lr=0.5).step()\n"
+            "print(native.available(), float(p[0]),\n"
+            "      [str(x.message)[:40] for x in w if x.category is RuntimeWarning])\n")
+    env = dict(os.environ, KERNELGEO_CACHE_DIR=str(tmp_path / "cache"), CC=str(fake))
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
+                         timeout=300)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.startswith("False -0.5 ['kernelgeo: the fused CPU kernels did not")

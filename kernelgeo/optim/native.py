@@ -25,6 +25,7 @@ import shutil
 import subprocess
 import tempfile
 import threading
+import warnings
 from pathlib import Path
 
 import torch
@@ -154,6 +155,10 @@ def load() -> ctypes.CDLL | None:
             _lib = lib
             return lib
         _error = "; ".join(errors)
+        # a compiler that cannot build the file is unexpected (no compiler is not): say so
+        warnings.warn(f"kernelgeo: the fused CPU kernels did not build, the optimizer uses "
+                      f"torch ops (slower on the CPU): {_error[:1000]}", RuntimeWarning,
+                      stacklevel=3)
         return None
 
 
