@@ -1,12 +1,16 @@
 r"""Fused CPU kernels for sphere-like kernel manifolds (optional, compiled on first use).
 
-The eager fast path of :mod:`kernelgeo.optim.batched` needs about nine elementwise passes
-over a sphere or oblique kernel plus Python and dispatch work per chunk; ``torch.optim.SGD``
-needs three.  ``native_kernels.c`` (shipped with the package) does the whole step of
-``kernelgeo.optim.batched.sphere_apply`` (Riemannian gradient, momentum, step rule,
-retraction, transport) in one pass over each row or column, reading every row from the CPU
-caches, for all kernels of a step in a single call, in the kernels' own layout (no gathering,
-no transposing copies).  Row/column sums are accumulated in double.
+The torch path of :mod:`kernelgeo.optim.batched` needs about nine elementwise passes over a
+sphere or oblique kernel plus Python and dispatch work per chunk (and transposing copies for
+oblique columns); ``torch.optim.SGD`` needs three.  ``native_kernels.c`` (shipped with the
+package) does the whole step of ``kernelgeo.optim.batched.sphere_apply`` (Riemannian
+gradient, momentum, step rule, retraction, transport) for all such kernels of a step in a
+single call, in the kernels' own memory layout (no gathering, no copies): three passes over
+each row or column while it is in the CPU caches; the 3-entry columns of 3x3 oblique kernels
+vectorised across columns.  Sums that overflow (entries near the largest float) are redone
+in double with rescaling before anything is written.  ``kernelgeo/optim/native_kernels.c``
+documents the kernels; :class:`~kernelgeo.optim.ConvergentRSGD` (``native=``) decides which
+parameters use them.
 
 It is compiled with the system C compiler (``$CC``, else ``cc``) the first time it is needed,
 for this CPU (``-march=native``), and cached under ``$KERNELGEO_CACHE_DIR`` (default

@@ -26,8 +26,8 @@ transported, i.e. tangent at the current point.  Euclidean parameters follow
 ``torch.optim.SGD`` exactly (weight decay included, no step rule: flat factors need none).
 See :mod:`kernelgeo.optim.step_rules` for :math:`\Gamma_k` and the assumptions of the
 convergence guarantee, :mod:`kernelgeo.optim.schedules` for :math:`\lambda(t)`,
-:mod:`kernelgeo.optim.scaling` for :math:`m_\ell` and :mod:`kernelgeo.optim.batched` for the
-fast path.
+:mod:`kernelgeo.optim.scaling` for :math:`m_\ell`, :mod:`kernelgeo.optim.batched` for the
+batched torch path and :mod:`kernelgeo.optim.native` for the fused CPU kernels.
 """
 
 from __future__ import annotations
