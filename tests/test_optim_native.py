@@ -317,3 +317,42 @@ def test_a_build_failure_warns_and_falls_back(tmp_path):
                          timeout=300)
     assert out.returncode == 0, out.stderr
     assert out.stdout.startswith("False -0.5 ['kernelgeo: the fused CPU kernels did not")
+
+
+def test_partition_covers_items_in_order():
+    arr = (native.Item * 7)()
+    for i, (it, n) in enumerate(zip(arr, [5, 1, 1, 9, 2, 2, 4], strict=True)):
+        it.nblk, it.a, it.s, it.lr = n, 1, 1, float(i)
+    for parts in (1, 2, 3, 7, 20):
+        ps = native.partition(arr, parts)
+        assert 1 <= len(ps) <= parts
+        assert [it.lr for p in ps for it in p] == [float(i) for i in range(7)]
+    arr[3].lr = 42.0  # the parts share the array's memory
+    assert any(it.lr == 42.0 for p in native.partition(arr, 3) for it in p)
+
+
+def test_threads_split_large_steps(monkeypatch, gen):
+    """With several torch threads a large step is split over threads (kernels whole): the
+    result is the single-threaded one, bit for bit."""
+    import kernelgeo.optim.rsgd as rsgd_mod
+
+    monkeypatch.setattr(rsgd_mod, "NATIVE_GRAIN", 64)
+    n0 = torch.get_num_threads()
+    m, ps, qs = _pair("oblique", (8, 4, 3, 3), "manifold", torch.float32, gen, n=6)
+    grads = [[torch.randn(p.shape, generator=gen) for p in ps] for _ in range(3)]
+    opts = []
+    try:
+        for threads, params in ((3, ps), (1, qs)):
+            torch.set_num_threads(threads)
+            opt = ConvergentRSGD(params, lr=0.3, momentum=0.9, native=True)
+            for gs in grads:
+                for p, g in zip(params, gs, strict=True):
+                    p.grad = torch.empty_like(p.detach()).copy_(g)
+                opt.step()
+            opts.append(opt)
+    finally:
+        torch.set_num_threads(n0)
+    assert [len(w[4]) for w in opts[0]._native_cache[1]] == [3]
+    assert [len(w[4]) for w in opts[1]._native_cache[1]] == [1]
+    for p, q in zip(ps, qs, strict=True):
+        assert torch.equal(p.detach(), q.detach())

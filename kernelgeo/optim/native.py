@@ -35,7 +35,7 @@ from pathlib import Path
 import torch
 
 __all__ = ["available", "unavailable_reason", "load", "Item", "check", "check_tensors",
-           "sphere_step", "library_path"]
+           "sphere_step", "sphere_step_parallel", "partition", "library_path"]
 
 _SRC = Path(__file__).with_name("native_kernels.c")
 _FLAGS = ["-O3", "-std=c11", "-fPIC", "-shared", "-fopenmp-simd", "-fno-math-errno",
@@ -190,6 +190,52 @@ def check_tensors(tensors: list[torch.Tensor]) -> int:
     ptrs = (ctypes.c_void_p * n)(*[t.data_ptr() for t in tensors])
     sizes = (ctypes.c_int64 * n)(*[t.numel() for t in tensors])
     return int(getattr(_lib, f"kg_check_arrays_{_SUFFIX[tensors[0].dtype]}")(ptrs, sizes, n))
+
+
+def partition(items, parts: int) -> list:
+    """Split a ctypes ``Item`` array into at most ``parts`` consecutive sub-arrays of about
+    equal work (entries), sharing its memory (later changes to ``items`` are seen)."""
+    n = len(items)
+    sizes = [it.nblk * it.a * it.s for it in items]
+    total, out, start, acc = sum(sizes), [], 0, 0
+    for i, sz in enumerate(sizes):
+        acc += sz
+        if acc * parts >= total * (len(out) + 1) or i == n - 1:
+            k = i + 1 - start
+            out.append((Item * k).from_buffer(items, start * ctypes.sizeof(Item)))
+            start = i + 1
+    return out
+
+
+_pool = None
+_pool_key = None
+
+
+def _executor(workers: int):
+    # a process forked after the pool was made has no pool threads: make a new one there
+    global _pool, _pool_key
+    key = (os.getpid(), workers)
+    if _pool_key != key:
+        from concurrent.futures import ThreadPoolExecutor
+
+        _pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="kernelgeo-native")
+        _pool_key = key
+    return _pool
+
+
+def sphere_step_parallel(parts: list, dtype: torch.dtype, momentum: float, dampening: float,
+                         nesterov: bool) -> None:
+    """:func:`sphere_step` on the sub-arrays of :func:`partition`, one per thread (the
+    ctypes call releases the GIL); the calling thread takes the first part."""
+    if len(parts) == 1:
+        sphere_step(parts[0], dtype, momentum, dampening, nesterov)
+        return
+    pool = _executor(len(parts) - 1)
+    futs = [pool.submit(sphere_step, part, dtype, momentum, dampening, nesterov)
+            for part in parts[1:]]
+    sphere_step(parts[0], dtype, momentum, dampening, nesterov)
+    for f in futs:
+        f.result()
 
 
 def sphere_step(items, dtype: torch.dtype, momentum: float, dampening: float,

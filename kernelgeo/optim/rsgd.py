@@ -486,7 +486,8 @@ class ConvergentRSGD(RiemannianSGD):
         (the fields that change between steps, gradient pointers and ``lr``, are refreshed
         by :meth:`_native_step`)."""
         work = getattr(self, "_native_cache", None)
-        if work is not None and work[0] is plans:
+        threads = torch.get_num_threads()
+        if work is not None and work[0] is plans and work[2] == threads:
             return work[1]
         work = []
         for group, gp in zip(self.param_groups, plans, strict=True):
@@ -503,8 +504,12 @@ class ConvergentRSGD(RiemannianSGD):
                     it.center, it.r = int(nm.layout.center), float(nm.layout.r)
                     it.rho, it.ck, it.rho_max = c.rho, c.c_kappa, c.rho_max
                     it.rule = 0 if c.flat or c.rule == "none" else (1 if c.rule == "gsgd" else 2)
-                work.append((group, dtype, mems, arr))
-        self._native_cache = (plans, work)
+                # like torch's own CPU kernels, use its threads for large steps (one part per
+                # thread, at least NATIVE_GRAIN entries each; kernels are never split)
+                numel = sum(nm.nblk * nm.a * nm.s for nm in mems)
+                parts = _native.partition(arr, max(1, min(threads, numel // NATIVE_GRAIN)))
+                work.append((group, dtype, mems, arr, parts))
+        self._native_cache = (plans, work, threads)
         return work
 
     def _native_step(self, plans, euclid_grads: list) -> dict | None:
@@ -516,7 +521,7 @@ class ConvergentRSGD(RiemannianSGD):
         if not work and not euclid_grads:
             return {}
         keep = []
-        for group, dtype, mems, arr in work:
+        for group, dtype, mems, arr, _ in work:
             for it, nm in zip(arr, mems, strict=True):
                 g = nm.param.grad
                 if g.is_sparse:
@@ -539,7 +544,7 @@ class ConvergentRSGD(RiemannianSGD):
             if _native.check_tensors(gs) >= 0:
                 return None
         out: dict = {}
-        for group, dtype, mems, arr in work:
+        for group, dtype, mems, arr, parts in work:
             outs = []
             if self.log_stats:
                 for nm, it in zip(mems, arr, strict=True):
@@ -547,8 +552,8 @@ class ConvergentRSGD(RiemannianSGD):
                     st = torch.empty(nm.ncomp, dtype=torch.float64)
                     it.rn_out, it.step_out = rn.data_ptr(), st.data_ptr()
                     outs.append((rn, st, nm.consts))
-            _native.sphere_step(arr, dtype, group["momentum"], group["dampening"],
-                                group["nesterov"])
+            _native.sphere_step_parallel(parts, dtype, group["momentum"], group["dampening"],
+                                         group["nesterov"])
             out.setdefault(id(group), []).extend(
                 (rn.to(dtype), st.to(dtype), c) for rn, st, c in outs)
             for it in arr:
@@ -681,6 +686,8 @@ def _grad(p):
 
 
 _NATIVE_DTYPES = (torch.float32, torch.float64)
+#: fewest entries per thread of the fused kernels (below, a thread costs more than it saves)
+NATIVE_GRAIN = 1 << 20
 _FUSED_SGD: bool | None = None
 
 
