@@ -356,3 +356,17 @@ def test_threads_split_large_steps(monkeypatch, gen):
     assert [len(w[4]) for w in opts[1]._native_cache[1]] == [1]
     for p, q in zip(ps, qs, strict=True):
         assert torch.equal(p.detach(), q.detach())
+
+
+def test_unwritable_cache_directory_falls_back_to_a_temporary_one(tmp_path):
+    """A cache directory that cannot be created (here: below a regular file, which fails even
+    for root) makes the library go to a per-user temporary directory instead."""
+    blocker = tmp_path / "file"
+    blocker.write_text("not a directory")
+    (tmp_path / "t").mkdir()
+    code = "from kernelgeo.optim import native; print(native.available(), native.load()._name)"
+    env = dict(os.environ, KERNELGEO_CACHE_DIR=str(blocker / "cache"), TMPDIR=str(tmp_path / "t"))
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
+                         timeout=300)
+    assert out.stdout.startswith("True " + str(tmp_path / "t" / "kernelgeo-")), \
+        out.stdout + out.stderr

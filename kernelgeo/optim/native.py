@@ -14,8 +14,9 @@ parameters use them.
 
 It is compiled with the system C compiler (``$CC``, else ``cc``) the first time it is needed,
 for this CPU (``-march=native``), and cached under ``$KERNELGEO_CACHE_DIR`` (default
-``$XDG_CACHE_HOME/kernelgeo`` or ``~/.cache/kernelgeo``) with a name that hashes the source,
-the flags, the compiler and the CPU, written atomically.  Without a compiler, or with
+``$XDG_CACHE_HOME/kernelgeo`` or ``~/.cache/kernelgeo``; a per-user temporary directory if
+that cannot be written) with a name that hashes the source, the flags, the compiler and the
+CPU, written atomically.  Without a compiler, or with
 ``KERNELGEO_NATIVE=0``, :func:`available` is False and the optimizer uses the torch path.
 """
 
@@ -85,7 +86,9 @@ def _compiler() -> str | None:
     return shutil.which(cc) or (shutil.which("gcc") if cc == "cc" else None)
 
 
-def library_path(cc: str, flags: list[str]) -> Path:
+def library_path(cc: str, flags: list[str], directory: Path | None = None) -> Path:
+    """Where the library built by ``cc`` with ``flags`` is cached (in ``directory``, default
+    the cache directory): the name hashes source, flags, compiler, its version and the CPU."""
     try:
         ver = subprocess.run([cc, "--version"], capture_output=True, text=True,
                              timeout=30).stdout
@@ -96,7 +99,7 @@ def library_path(cc: str, flags: list[str]) -> Path:
                  _cpu_id().encode(), platform.machine().encode()):
         h.update(part)
         h.update(b"\0")
-    return _cache_dir() / f"native-{h.hexdigest()[:20]}.so"
+    return (directory or _cache_dir()) / f"native-{h.hexdigest()[:20]}.so"
 
 
 def _build(cc: str, flags: list[str], out: Path) -> None:
@@ -145,11 +148,18 @@ def load() -> ctypes.CDLL | None:
             return None
         errors = []
         # -march=native where the compiler knows it; portable code otherwise
+        # a per-user temporary directory when the cache directory cannot be written
+        tmp_dir = Path(tempfile.gettempdir()) / f"kernelgeo-{getattr(os, 'getuid', lambda: 0)()}"
         for flags in (_FLAGS + ["-march=native"], _FLAGS):
             path = library_path(cc, flags)
             try:
                 if not path.exists():
-                    _build(cc, flags, path)
+                    try:
+                        _build(cc, flags, path)
+                    except OSError:  # cannot write there (not a compile error)
+                        path = library_path(cc, flags, tmp_dir)
+                        if not path.exists():
+                            _build(cc, flags, path)
                 lib = ctypes.CDLL(str(path))
                 _bind(lib)
             except (OSError, subprocess.SubprocessError, AttributeError) as e:
