@@ -241,7 +241,7 @@ def _dense(t: torch.Tensor) -> bool:
 
 
 def _native_shape(lay: _Layout, p: torch.Tensor) -> tuple[int, int, int] | None:
-    """``(nblk, a, s)`` of a whole kernel for the fused CPU kernel, or None if it does not fit.
+    """``(nblk, a, s)`` of a kernel (or dense product block) for the fused CPU kernel, or None.
 
     Memory layouts accepted (the gradient and buffer are given the parameter's strides):
     rows (spheres, oblique slices): every row is one contiguous segment, in any inner order
