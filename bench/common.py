@@ -67,7 +67,9 @@ def constrain_model(model: nn.Module, spec: str) -> nn.Module:
             except ValueError:
                 continue
             with torch.no_grad():
-                w = m.projx(mod.weight.detach())
+                # contiguous, as kernelgeo.constrain stores kernels (projx may return a
+                # transposed layout, e.g. for oblique and Stiefel kernels)
+                w = m.projx(mod.weight.detach()).contiguous()
             mod.weight = geoopt.ManifoldParameter(w, manifold=m)
     return model
 

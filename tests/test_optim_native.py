@@ -1,9 +1,10 @@
 """The fused CPU kernels of ``kernelgeo.optim.native``: same iterates as the torch path.
 
-Every kernel variant is reached: long rows (spheres), the vectorised 3-entry columns (oblique
-kernels in the layout ``constrain`` gives them), short components of any length and stride
-(contiguous oblique kernels, slices), long strided columns, and the double-precision rescaled
-fallback for sums that overflow.  Skipped when no C compiler is available.
+Every kernel variant is reached: long rows (spheres), the vectorised 3-entry columns of 3x3
+oblique kernels (stored contiguously, as ``constrain`` does, or with the last two dimensions
+swapped, as the manifold's projection returns them), short components of any length and
+stride, long strided columns, and the double-precision rescaled fallback for sums that
+overflow.  Skipped when no C compiler is available.
 """
 
 from __future__ import annotations
@@ -34,8 +35,9 @@ CASES = [
     ("sphere", (8, 4, 3, 3), "channels_last"),        # rows, inner order permuted
     ("centered-sphere", (8, 4, 3, 3), "contiguous"),  # rows with centring
     ("centered-sphere", (5, 1, 2, 2), "contiguous"),  # short_any with centring
-    ("oblique", (8, 4, 3, 3), "manifold"),            # short3: columns contiguous
-    ("oblique", (8, 4, 3, 3), "contiguous"),          # short_any: a = 3, s = 3
+    ("oblique", (8, 4, 3, 3), "manifold"),            # short3 rows: columns contiguous
+    ("oblique", (8, 4, 3, 3), "contiguous"),          # short3 slices: a = 3, s = 3
+    ("oblique", (100, 3, 3, 3), "contiguous"),        # short3 slices: several chunks
     ("oblique", (4, 3, 5, 5), "contiguous"),          # short_any: a = 5, s = 5
     ("oblique", (3, 2, 20, 3), "contiguous"),         # cols: a = 20 > 16, s = 3
     ("oblique", (3, 2, 20, 3), "manifold"),           # rows: a = 20 columns contiguous
@@ -132,8 +134,9 @@ def test_reference_path_agrees_on_a_conv_net(gen):
 @pytest.mark.parametrize("case", [("sphere", (4, 3, 3, 3), "contiguous"),
                                   ("oblique", (4, 3, 3, 3), "manifold"),
                                   ("oblique", (4, 3, 3, 3), "contiguous"),
+                                  ("oblique", (4, 3, 5, 5), "contiguous"),
                                   ("oblique", (3, 2, 20, 3), "contiguous")],
-                         ids=["rows", "short3", "short_any", "cols"])
+                         ids=["rows", "short3-rows", "short3-slices", "short_any", "cols"])
 def test_overflowing_sums_fall_back_to_rescaled_double(case, dtype, gen):
     """Gradients near the largest float overflow the fast kernels' sums of squares; the
     rescaled double fallback still takes a finite step.  With ``bounded`` and a step longer

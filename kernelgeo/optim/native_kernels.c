@@ -19,8 +19,9 @@
  *   B'  = B - <x', B>/r^2 x' = B + c g_k <d, B>/r^2 x',  c = r/||y||
  * Kernels (chosen per item by kg_sphere_step):
  *   rows       s = 1, a > KG_SHORT (sphere rows): three passes per row over cached data;
- *   short3     a = 3, s = 1 (oblique columns of 3x3 kernels as constrain stores them): a
- *              branch-free loop over columns that the compiler vectorises;
+ *   short3     a = 3, s = 1 or 3 (oblique columns of 3x3 kernels, stored with the last two
+ *              dimensions swapped or contiguous): a branch-free loop over columns that the
+ *              compiler vectorises;
  *   short_any  a <= KG_SHORT, any s: KG_W components at a time in local arrays;
  *   cols       a > KG_SHORT, s > 1: component by component, in double (comp_safe).
  * Sums use the data's precision with vector partial sums; a component whose sums overflow
@@ -422,110 +423,170 @@ static void NAME(short_any)(const kg_item *it, double mu, double damp, int nest)
     }
 }
 
-/* Components of exactly 3 entries (3x3 kernels), in registers: one loop iteration per block
- * of 3*S entries holding S components (column j of block i: entries 3*S*i + j + S*k), a
- * branch-free body, so the loop over blocks vectorises (strided loads become shuffles) and
- * all per-component scalars (norms, square roots, step rule) are vector lanes.  Blocks are
- * done KG_CH at a time into local buffers, copied back when no sum of the chunk overflowed
- * (the usual case); a block with an overflowing sum is redone by comp_safe instead. */
-#define KG_CH 256
-#define KG_DEF_SHORT3(S, HB)                                                                 \
-    static void NAME(short3_##S##_##HB)(const kg_item *it, double mu, double damp,           \
-                                         int nest) {                                         \
-        T *X = (T *)it->x;                                                                   \
+/* Components of exactly 3 entries (3x3 kernels).  The core works on m <= KG_CH contiguous
+ * triples (entries 3q, 3q+1, 3q+2 of component q): a branch-free loop over components that
+ * the compiler vectorises (the stride-3 loads become shuffles), all per-component scalars
+ * (norms, square roots, step rule) being vector lanes.  It writes the new point and buffer
+ * into local structure-of-arrays buffers (NX[k][q]: unit-stride vector stores; AVX-512
+ * scatters were 4x slower) and a per-component flag OK (no sum overflowed); the callers
+ * copy back what is OK and redo the rest with comp_safe.  Returns the number of OK. */
+#define KG_CH 384 /* components per chunk: a multiple of 3 (whole 3x3 slices) and of 64 */
+static inline __attribute__((always_inline)) int64_t NAME(short3_core)(
+    const kg_item *it, const T *x, const T *g, const T *b, int64_t m, double mu, double damp,
+    int nest, int hb, T NX[3][KG_CH], T NB[3][KG_CH], T RN[KG_CH], T ST[KG_CH],
+    int OK[KG_CH]) {
+    const int rule = it->rule;
+    const T ir2 = (T)(1.0 / (it->r * it->r)), tmu = (T)mu, r = (T)it->r;
+    const T cu = (T)(it->fresh ? 1.0 : 1.0 - damp), mb = (T)(it->fresh ? 0.0 : mu);
+    const T cen = (T)(it->center ? 1.0 / 3.0 : 0.0), tn = (T)(nest ? 1 : 0);
+    const T rho = (T)it->rho, ck = (T)it->ck, lr = (T)it->lr;
+    const T lr_rm = (T)(it->lr / it->rho_max);
+    const T w1 = (T)(rule == 1), w2 = (T)(rule == 2);
+    const T big = (T)(sizeof(T) == 4 ? 3.4028234663852886e38 : 1.7976931348623157e308);
+    int64_t nok = 0;
+#pragma omp simd reduction(+ : nok)
+    for (int64_t q = 0; q < m; ++q) {
+        T x0 = x[3 * q], x1 = x[3 * q + 1], x2 = x[3 * q + 2];
+        T g0 = g[3 * q], g1 = g[3 * q + 1], g2 = g[3 * q + 2];
+        T mg = (g0 + g1 + g2) * cen, sx = (x0 + x1 + x2) * cen * 3;
+        T ac = (x0 * g0 + x1 * g1 + x2 * g2 - mg * sx) * ir2;
+        T u0 = g0 - mg - ac * x0, u1 = g1 - mg - ac * x1, u2 = g2 - mg - ac * x2;
+        T b0 = u0, b1 = u1, b2 = u2, d0 = u0, d1 = u1, d2 = u2, db = 0;
+        if (hb) {
+            b0 = mb * b[3 * q] + cu * u0;
+            b1 = mb * b[3 * q + 1] + cu * u1;
+            b2 = mb * b[3 * q + 2] + cu * u2;
+            d0 = b0 + tn * (u0 + tmu * b0 - b0);
+            d1 = b1 + tn * (u1 + tmu * b1 - b1);
+            d2 = b2 + tn * (u2 + tmu * b2 - b2);
+            db = d0 * b0 + d1 * b1 + d2 * b2;
+        }
+        T dd = d0 * d0 + d1 * d1 + d2 * d2, rn = sqrt(dd);
+        T t = 2 * rho + rn, A = t * t, Bq = 1 + ck * (rho + rn);
+        T gam = w1 * (rn * rn * (A > Bq ? A : Bq)) + w2 * (rn * lr_rm);
+        T st = lr / (gam > 1 ? gam : 1);
+        T y0 = x0 - st * d0, y1 = x1 - st * d1, y2 = x2 - st * d2;
+        T yy = y0 * y0 + y1 * y1 + y2 * y2;
+        int ok = (yy > 0) & (yy <= big) & (dd <= big) & (db <= big) & (db >= -big) &
+                 (gam <= big);
+        T c = r / sqrt(yy), coef = c * st * db * ir2;
+        NX[0][q] = c * y0;
+        NX[1][q] = c * y1;
+        NX[2][q] = c * y2;
+        NB[0][q] = b0 + coef * NX[0][q];
+        NB[1][q] = b1 + coef * NX[1][q];
+        NB[2][q] = b2 + coef * NX[2][q];
+        RN[q] = rn;
+        ST[q] = st;
+        OK[q] = ok;
+        nok += ok;
+    }
+    return nok;
+}
+
+/* Columns stored contiguously (the layout of oblique kernels whose last two dimensions are
+ * swapped in memory): component q is entries 3q..3q+2 of the kernel itself. */
+#define KG_DEF_SHORT3_ROWS(HB)                                                               \
+    static void NAME(short3_rows_##HB)(const kg_item *it, double mu, double damp, int nest) { \
+        T *X = (T *)it->x, *Bp = (T *)it->b;                                                 \
         const T *G = (const T *)it->g;                                                       \
-        T *Bp = (T *)it->b;                                                                  \
-        const int64_t nblk = it->nblk;                                                       \
-        const int rule = it->rule;                                                           \
-        const T ir2 = (T)(1.0 / (it->r * it->r)), tmu = (T)mu, r = (T)it->r;                 \
-        const T cu = (T)(it->fresh ? 1.0 : 1.0 - damp), mb = (T)(it->fresh ? 0.0 : mu);      \
-        const T cen = (T)(it->center ? 1.0 / 3.0 : 0.0), tn = (T)(nest ? 1 : 0);             \
-        const T rho = (T)it->rho, ck = (T)it->ck, lr = (T)it->lr;                            \
-        const T lr_rm = (T)(it->lr / it->rho_max);                                           \
-        const T w1 = (T)(rule == 1), w2 = (T)(rule == 2);                                    \
-        const T big = (T)(sizeof(T) == 4 ? 3.4028234663852886e38 : 1.7976931348623157e308);  \
-        /* structure of arrays: entry e of block i at [e][i] (unit-stride vector stores) */   \
-        T NX[3 * S][KG_CH], NB[3 * S][KG_CH], RN[S][KG_CH], ST[S][KG_CH];                    \
+        T NX[3][KG_CH], NB[3][KG_CH], RN[KG_CH], ST[KG_CH];                                  \
         int OK[KG_CH];                                                                       \
-        for (int64_t i0 = 0; i0 < nblk; i0 += KG_CH) {                                       \
-            const int64_t m = nblk - i0 < KG_CH ? nblk - i0 : KG_CH;                         \
-            const T *x = X + 3 * S * i0, *g = G + 3 * S * i0;                                \
-            const T *b = HB ? Bp + 3 * S * i0 : x;                                           \
-            int nok = 0;                                                                     \
-            _Pragma("omp simd reduction(+ : nok)")                                           \
-            for (int64_t i = 0; i < m; ++i) {                                                \
-                int ok = 1;                                                                  \
-                for (int j = 0; j < S; ++j) {                                                \
-                    const int64_t e = 3 * S * i + j;                                         \
-                    T x0 = x[e], x1 = x[e + S], x2 = x[e + 2 * S];                           \
-                    T g0 = g[e], g1 = g[e + S], g2 = g[e + 2 * S];                           \
-                    T mg = (g0 + g1 + g2) * cen, sx = (x0 + x1 + x2) * cen * 3;              \
-                    T ac = (x0 * g0 + x1 * g1 + x2 * g2 - mg * sx) * ir2;                    \
-                    T u0 = g0 - mg - ac * x0, u1 = g1 - mg - ac * x1, u2 = g2 - mg - ac * x2; \
-                    T b0 = u0, b1 = u1, b2 = u2, d0 = u0, d1 = u1, d2 = u2, db = 0;          \
-                    if (HB) {                                                                \
-                        b0 = mb * b[e] + cu * u0;                                            \
-                        b1 = mb * b[e + S] + cu * u1;                                        \
-                        b2 = mb * b[e + 2 * S] + cu * u2;                                    \
-                        d0 = b0 + tn * (u0 + tmu * b0 - b0);                                 \
-                        d1 = b1 + tn * (u1 + tmu * b1 - b1);                                 \
-                        d2 = b2 + tn * (u2 + tmu * b2 - b2);                                 \
-                        db = d0 * b0 + d1 * b1 + d2 * b2;                                    \
-                    }                                                                        \
-                    T dd = d0 * d0 + d1 * d1 + d2 * d2, rn = sqrt(dd);                       \
-                    T t = 2 * rho + rn, A = t * t, Bq = 1 + ck * (rho + rn);                 \
-                    T gam = w1 * (rn * rn * (A > Bq ? A : Bq)) + w2 * (rn * lr_rm);          \
-                    T st = lr / (gam > 1 ? gam : 1);                                         \
-                    T y0 = x0 - st * d0, y1 = x1 - st * d1, y2 = x2 - st * d2;               \
-                    T yy = y0 * y0 + y1 * y1 + y2 * y2;                                      \
-                    ok &= (yy > 0) & (yy <= big) & (dd <= big) & (db <= big) & (db >= -big) &\
-                          (gam <= big);                                                      \
-                    T c = r / sqrt(yy), coef = c * st * db * ir2;                            \
-                    NX[j][i] = c * y0;                                                       \
-                    NX[j + S][i] = c * y1;                                                   \
-                    NX[j + 2 * S][i] = c * y2;                                               \
-                    NB[j][i] = b0 + coef * NX[j][i];                                         \
-                    NB[j + S][i] = b1 + coef * NX[j + S][i];                                 \
-                    NB[j + 2 * S][i] = b2 + coef * NX[j + 2 * S][i];                         \
-                    RN[j][i] = rn;                                                           \
-                    ST[j][i] = st;                                                           \
-                }                                                                            \
-                OK[i] = ok;                                                                  \
-                nok += ok;                                                                   \
-            }                                                                                \
-            T *xw = X + 3 * S * i0, *bw = HB ? Bp + 3 * S * i0 : NULL;                       \
-            if (nok == m) { /* the usual case: interleave the chunk back (shuffles) */       \
-                for (int64_t i = 0; i < m; ++i)                                              \
-                    for (int e = 0; e < 3 * S; ++e) xw[3 * S * i + e] = NX[e][i];            \
-                for (int64_t i = 0; HB && i < m; ++i)                                        \
-                    for (int e = 0; e < 3 * S; ++e) bw[3 * S * i + e] = NB[e][i];            \
-                for (int64_t i = 0; it->rn_out && i < m; ++i)                                \
-                    for (int j = 0; j < S; ++j) it->rn_out[(i0 + i) * S + j] = RN[j][i];     \
-                for (int64_t i = 0; it->step_out && i < m; ++i)                              \
-                    for (int j = 0; j < S; ++j) it->step_out[(i0 + i) * S + j] = ST[j][i];   \
+        for (int64_t c0 = 0; c0 < it->nblk; c0 += KG_CH) {                                   \
+            const int64_t m = it->nblk - c0 < KG_CH ? it->nblk - c0 : KG_CH;                 \
+            T *x = X + 3 * c0, *b = HB ? Bp + 3 * c0 : NULL;                                 \
+            const T *g = G + 3 * c0;                                                         \
+            const int64_t nok = NAME(short3_core)(it, x, g, HB ? b : x, m, mu, damp, nest,   \
+                                                  HB, NX, NB, RN, ST, OK);                   \
+            if (nok == m) { /* the usual case: interleave back (vector shuffles) */          \
+                for (int64_t q = 0; q < m; ++q)                                              \
+                    for (int k = 0; k < 3; ++k) x[3 * q + k] = NX[k][q];                     \
+                for (int64_t q = 0; HB && q < m; ++q)                                        \
+                    for (int k = 0; k < 3; ++k) b[3 * q + k] = NB[k][q];                     \
+                for (int64_t q = 0; it->rn_out && q < m; ++q) it->rn_out[c0 + q] = RN[q];    \
+                for (int64_t q = 0; it->step_out && q < m; ++q) it->step_out[c0 + q] = ST[q];\
                 continue;                                                                    \
             }                                                                                \
-            for (int64_t i = 0; i < m; ++i) {                                                \
-                if (!OK[i]) { /* rare: an overflowing sum; redo in double */     \
-                    for (int j = 0; j < S; ++j) {                                            \
-                        const int64_t e = 3 * S * i + j;                                     \
-                        NAME(comp_safe)(it, xw + e, g + e, HB ? bw + e : NULL, 3, S, mu,     \
-                                        damp, nest, (i0 + i) * S + j);                       \
-                    }                                                                        \
+            for (int64_t q = 0; q < m; ++q) {                                                \
+                if (!OK[q]) { /* rare: an overflowing sum; redo in double */                 \
+                    NAME(comp_safe)(it, x + 3 * q, g + 3 * q, HB ? b + 3 * q : NULL, 3, 1,   \
+                                    mu, damp, nest, c0 + q);                                 \
                     continue;                                                                \
                 }                                                                            \
-                for (int e = 0; e < 3 * S; ++e) xw[3 * S * i + e] = NX[e][i];                \
+                for (int k = 0; k < 3; ++k) x[3 * q + k] = NX[k][q];                         \
                 if (HB)                                                                      \
-                    for (int e = 0; e < 3 * S; ++e) bw[3 * S * i + e] = NB[e][i];            \
-                for (int j = 0; j < S; ++j) {                                                \
-                    if (it->rn_out) it->rn_out[(i0 + i) * S + j] = RN[j][i];                 \
-                    if (it->step_out) it->step_out[(i0 + i) * S + j] = ST[j][i];             \
-                }                                                                            \
+                    for (int k = 0; k < 3; ++k) b[3 * q + k] = NB[k][q];                     \
+                if (it->rn_out) it->rn_out[c0 + q] = RN[q];                                  \
+                if (it->step_out) it->step_out[c0 + q] = ST[q];                              \
             }                                                                                \
         }                                                                                    \
     }
-KG_DEF_SHORT3(1, 0)
-KG_DEF_SHORT3(1, 1)
+
+/* Contiguous 3x3 slices (the layout kernelgeo.constrain stores): column j of slice i is
+ * entries 9i + j + 3k.  Compilers vectorise interleaved accesses in groups of 3 with shuffles,
+ * but not the groups of 9 a slice would need (those become slow gathers), so a chunk of
+ * KG_CH/3 slices goes through two group-of-3 steps: the rows r = 3i + k of the chunk are split
+ * by column, XJ[j][r] = x[3r + j], after which column j of every slice is the contiguous
+ * triple XJ[j][3i..3i+2] that the core takes; the results come back the same way. */
+#define KG_DEF_SHORT3_SLICES(HB)                                                             \
+    static void NAME(short3_slices_##HB)(const kg_item *it, double mu, double damp,          \
+                                          int nest) {                                        \
+        T *X = (T *)it->x, *Bp = (T *)it->b;                                                 \
+        const T *G = (const T *)it->g;                                                       \
+        T XJ[3][KG_CH], GJ[3][KG_CH], BJ[3][KG_CH], TX[3][KG_CH], TB[3][KG_CH];              \
+        T NX[3][KG_CH], NB[3][KG_CH], RN[KG_CH], ST[KG_CH];                                  \
+        int OK[3][KG_CH];                                                                    \
+        for (int64_t i0 = 0; i0 < it->nblk; i0 += KG_CH / 3) {                               \
+            const int64_t ns = it->nblk - i0 < KG_CH / 3 ? it->nblk - i0 : KG_CH / 3;        \
+            const int64_t rows = 3 * ns;                                                     \
+            T *x = X + 9 * i0, *b = HB ? Bp + 9 * i0 : NULL;                                 \
+            const T *g = G + 9 * i0;                                                         \
+            for (int64_t r = 0; r < rows; ++r)                                               \
+                for (int j = 0; j < 3; ++j) {                                                \
+                    XJ[j][r] = x[3 * r + j];                                                 \
+                    GJ[j][r] = g[3 * r + j];                                                 \
+                }                                                                            \
+            for (int64_t r = 0; HB && r < rows; ++r)                                         \
+                for (int j = 0; j < 3; ++j) BJ[j][r] = b[3 * r + j];                         \
+            int64_t nok = 0;                                                                 \
+            for (int j = 0; j < 3; ++j) {                                                    \
+                nok += NAME(short3_core)(it, XJ[j], GJ[j], HB ? BJ[j] : XJ[j], ns, mu, damp, \
+                                         nest, HB, NX, NB, RN, ST, OK[j]);                   \
+                for (int64_t q = 0; q < ns; ++q)                                             \
+                    for (int k = 0; k < 3; ++k) TX[j][3 * q + k] = NX[k][q];                 \
+                for (int64_t q = 0; HB && q < ns; ++q)                                       \
+                    for (int k = 0; k < 3; ++k) TB[j][3 * q + k] = NB[k][q];                 \
+                for (int64_t q = 0; it->rn_out && q < ns; ++q)                               \
+                    it->rn_out[3 * (i0 + q) + j] = RN[q];                                    \
+                for (int64_t q = 0; it->step_out && q < ns; ++q)                             \
+                    it->step_out[3 * (i0 + q) + j] = ST[q];                                  \
+            }                                                                                \
+            if (nok == 3 * ns) { /* the usual case: interleave the rows back */              \
+                for (int64_t r = 0; r < rows; ++r)                                           \
+                    for (int j = 0; j < 3; ++j) x[3 * r + j] = TX[j][r];                     \
+                for (int64_t r = 0; HB && r < rows; ++r)                                     \
+                    for (int j = 0; j < 3; ++j) b[3 * r + j] = TB[j][r];                     \
+                continue;                                                                    \
+            }                                                                                \
+            for (int64_t q = 0; q < ns; ++q) /* rare: an overflowing sum somewhere */        \
+                for (int j = 0; j < 3; ++j) {                                                \
+                    if (!OK[j][q]) {                                                         \
+                        NAME(comp_safe)(it, x + 9 * q + j, g + 9 * q + j,                    \
+                                        HB ? b + 9 * q + j : NULL, 3, 3, mu, damp, nest,     \
+                                        3 * (i0 + q) + j);                                   \
+                        continue;                                                            \
+                    }                                                                        \
+                    for (int k = 0; k < 3; ++k) {                                            \
+                        x[9 * q + 3 * k + j] = TX[j][3 * q + k];                             \
+                        if (HB) b[9 * q + 3 * k + j] = TB[j][3 * q + k];                     \
+                    }                                                                        \
+                }                                                                            \
+        }                                                                                    \
+    }
+KG_DEF_SHORT3_ROWS(0)
+KG_DEF_SHORT3_ROWS(1)
+KG_DEF_SHORT3_SLICES(0)
+KG_DEF_SHORT3_SLICES(1)
 
 /* Columns of a*s slices (s > 1, a > KG_SHORT): component by component, in double. */
 static void NAME(cols)(const kg_item *it, double mu, double damp, int nest) {
@@ -548,8 +609,11 @@ int64_t NAME(kg_sphere_step)(const kg_item *items, int64_t n, double mu, double 
         const kg_item *it = &items[i];
         const int hb = it->b != NULL;
         if (it->a == 3 && it->s == 1) {
-            if (hb) NAME(short3_1_1)(it, mu, damp, nest);
-            else NAME(short3_1_0)(it, mu, damp, nest);
+            if (hb) NAME(short3_rows_1)(it, mu, damp, nest);
+            else NAME(short3_rows_0)(it, mu, damp, nest);
+        } else if (it->a == 3 && it->s == 3) {
+            if (hb) NAME(short3_slices_1)(it, mu, damp, nest);
+            else NAME(short3_slices_0)(it, mu, damp, nest);
         }
         else if (it->a <= KG_SHORT) NAME(short_any)(it, mu, damp, nest);
         else if (it->s == 1) NAME(rows)(it, mu, damp, nest);
