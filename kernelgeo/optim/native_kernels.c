@@ -303,7 +303,8 @@ static void NAME(short_any)(const kg_item *it, double mu, double damp, int nest)
     const int fresh = it->fresh, has_b = Bp != NULL, center = it->center, rule = it->rule;
     const T cu = (T)(fresh ? 1.0 : 1.0 - damp), mb = (T)(fresh ? 0.0 : mu);
     const T rho = (T)it->rho, ck = (T)it->ck, lr = (T)it->lr, lr_rm = (T)(it->lr / it->rho_max);
-    const T r = (T)it->r, big = (T)(sizeof(T) == 4 ? 3.4028234663852886e38 : 1.7976931348623157e308);
+    const T r = (T)it->r;
+    const T big = (T)(sizeof(T) == 4 ? 3.4028234663852886e38 : 1.7976931348623157e308);
     T x[KG_SHORT][KG_W], g[KG_SHORT][KG_W], b[KG_SHORT][KG_W];
     T mg[KG_W], ac[KG_W], dd[KG_W], db[KG_W], st[KG_W], yy[KG_W], c[KG_W], coef[KG_W];
     T sx[KG_W], sg[KG_W], sxg[KG_W];
@@ -464,20 +465,23 @@ static inline __attribute__((always_inline)) int64_t NAME(short3_core)(
         T dd = d0 * d0 + d1 * d1 + d2 * d2, rn = sqrt(dd);
         T t = 2 * rho + rn, A = t * t, Bq = 1 + ck * (rho + rn);
         T gam = w1 * (rn * rn * (A > Bq ? A : Bq)) + w2 * (rn * lr_rm);
-        T st = lr / (gam > 1 ? gam : 1);
-        T y0 = x0 - st * d0, y1 = x1 - st * d1, y2 = x2 - st * d2;
-        T yy = y0 * y0 + y1 * y1 + y2 * y2;
-        int ok = (yy > 0) & (yy <= big) & (dd <= big) & (db <= big) & (db >= -big) &
+        /* with gm1 = max(1, Gamma) the step is lr/gm1; y = x - (lr/gm1) d is computed as
+         * z = gm1 y = gm1 x - lr d, so that x' = r z/|z| and the transport coefficient
+         * (r/|y|)(lr/gm1)<d,B>/r^2 = lr (r/|z|) <d,B>/r^2 need one division, not three */
+        T gm1 = gam > 1 ? gam : 1;
+        T z0 = gm1 * x0 - lr * d0, z1 = gm1 * x1 - lr * d1, z2 = gm1 * x2 - lr * d2;
+        T zz = z0 * z0 + z1 * z1 + z2 * z2;
+        int ok = (zz > 0) & (zz <= big) & (dd <= big) & (db <= big) & (db >= -big) &
                  (gam <= big);
-        T c = r / sqrt(yy), coef = c * st * db * ir2;
-        NX[0][q] = c * y0;
-        NX[1][q] = c * y1;
-        NX[2][q] = c * y2;
+        T c = r / sqrt(zz), coef = lr * c * db * ir2;
+        NX[0][q] = c * z0;
+        NX[1][q] = c * z1;
+        NX[2][q] = c * z2;
         NB[0][q] = b0 + coef * NX[0][q];
         NB[1][q] = b1 + coef * NX[1][q];
         NB[2][q] = b2 + coef * NX[2][q];
         RN[q] = rn;
-        ST[q] = st;
+        ST[q] = gm1; /* the step size is lr / gm1 (divided only where it is recorded) */
         OK[q] = ok;
         nok += ok;
     }
@@ -504,7 +508,8 @@ static inline __attribute__((always_inline)) int64_t NAME(short3_core)(
                 for (int64_t q = 0; HB && q < m; ++q)                                        \
                     for (int k = 0; k < 3; ++k) b[3 * q + k] = NB[k][q];                     \
                 for (int64_t q = 0; it->rn_out && q < m; ++q) it->rn_out[c0 + q] = RN[q];    \
-                for (int64_t q = 0; it->step_out && q < m; ++q) it->step_out[c0 + q] = ST[q];\
+                for (int64_t q = 0; it->step_out && q < m; ++q)                                  \
+                it->step_out[c0 + q] = it->lr / ST[q];                                       \
                 continue;                                                                    \
             }                                                                                \
             for (int64_t q = 0; q < m; ++q) {                                                \
@@ -517,7 +522,7 @@ static inline __attribute__((always_inline)) int64_t NAME(short3_core)(
                 if (HB)                                                                      \
                     for (int k = 0; k < 3; ++k) b[3 * q + k] = NB[k][q];                     \
                 if (it->rn_out) it->rn_out[c0 + q] = RN[q];                                  \
-                if (it->step_out) it->step_out[c0 + q] = ST[q];                              \
+                if (it->step_out) it->step_out[c0 + q] = it->lr / ST[q];                     \
             }                                                                                \
         }                                                                                    \
     }
@@ -559,7 +564,7 @@ static inline __attribute__((always_inline)) int64_t NAME(short3_core)(
                 for (int64_t q = 0; it->rn_out && q < ns; ++q)                               \
                     it->rn_out[3 * (i0 + q) + j] = RN[q];                                    \
                 for (int64_t q = 0; it->step_out && q < ns; ++q)                             \
-                    it->step_out[3 * (i0 + q) + j] = ST[q];                                  \
+                    it->step_out[3 * (i0 + q) + j] = it->lr / ST[q];                         \
             }                                                                                \
             if (nok == 3 * ns) { /* the usual case: interleave the rows back */              \
                 for (int64_t r = 0; r < rows; ++r)                                           \
