@@ -189,9 +189,16 @@ def unavailable_reason() -> str | None:
 _SUFFIX = {torch.float32: "f32", torch.float64: "f64"}
 
 
+def _fn(name: str, dtype: torch.dtype):
+    lib = load()
+    if lib is None:
+        raise RuntimeError(f"the fused CPU kernels are unavailable: {_error}")
+    return getattr(lib, f"{name}_{_SUFFIX[dtype]}")
+
+
 def check(items, dtype: torch.dtype) -> int:
     """Index of the first item (a ctypes ``Item`` array) whose gradient has a NaN/Inf, or -1."""
-    return int(getattr(_lib, f"kg_check_{_SUFFIX[dtype]}")(items, len(items)))
+    return int(_fn("kg_check", dtype)(items, len(items)))
 
 
 def check_tensors(tensors: list[torch.Tensor]) -> int:
@@ -199,7 +206,7 @@ def check_tensors(tensors: list[torch.Tensor]) -> int:
     n = len(tensors)
     ptrs = (ctypes.c_void_p * n)(*[t.data_ptr() for t in tensors])
     sizes = (ctypes.c_int64 * n)(*[t.numel() for t in tensors])
-    return int(getattr(_lib, f"kg_check_arrays_{_SUFFIX[tensors[0].dtype]}")(ptrs, sizes, n))
+    return int(_fn("kg_check_arrays", tensors[0].dtype)(ptrs, sizes, n))
 
 
 def partition(items, parts: int) -> list:
@@ -252,7 +259,7 @@ def sphere_step(items, dtype: torch.dtype, momentum: float, dampening: float,
                 nesterov: bool) -> None:
     """One fused step of every item of the ctypes ``Item`` array ``items`` (see
     ``native_kernels.c`` for the maths)."""
-    done = getattr(_lib, f"kg_sphere_step_{_SUFFIX[dtype]}")(
+    done = _fn("kg_sphere_step", dtype)(
         items, len(items), float(momentum), float(dampening), int(bool(nesterov)))
     if done != len(items):
         raise RuntimeError("native sphere step refused its input (column longer than 64); "
