@@ -352,6 +352,16 @@ def test_projx_of_degenerate_kernels_is_finite(mid, sid):
             assert on_manifold_err(m, p) < 10 * TOL[dtype], dtype
 
 
+def test_projx_of_one_entry_rows_does_not_crash():
+    """Shapes whose rows have one entry are rejected by check_kernel_shape; projx called on
+    one anyway gives the nearest point of S^0 (the sign), and +r for a zero entry."""
+    m = get_manifold("sphere")
+    with pytest.raises(ValueError):
+        m.check_kernel_shape((4, 1, 1, 1))
+    w = torch.tensor([-2.0, 0.0, 3.0, -0.5]).view(4, 1, 1, 1)
+    assert m.projx(w).flatten().tolist() == [-1.0, 1.0, 1.0, -1.0]
+
+
 @pytest.mark.parametrize("mid,sid", CASES)
 def test_constraint_error_is_distance_to_manifold(mid, sid, gen):
     """Largest per-component distance ||x_k - projx(x)_k|| (exact for spheres, to first order

@@ -95,7 +95,10 @@ class RowSphere(KernelManifold):
         # A zero row has no nearest point: send it to the fixed unit vector (1, -1, 0, ...)/sqrt 2
         # (centred too) instead of writing NaN into the weights.
         fallback = x.new_zeros(x.shape[-1])
-        fallback[0], fallback[1] = 2**-0.5, -(2**-0.5)
+        if x.shape[-1] > 1:
+            fallback[0], fallback[1] = 2**-0.5, -(2**-0.5)
+        else:  # 1-entry rows (S^0, rejected by check_kernel_shape, but projx must not crash)
+            fallback[0] = 1.0
         tiny = torch.finfo(x.dtype).tiny ** 0.5
         return r * torch.where(nrm > tiny, x / nrm.clamp_min(tiny), fallback)
 
