@@ -60,6 +60,7 @@ import torch
 
 from ..manifolds import Euclidean, KernelManifold, KernelProduct, Oblique, RowSphere, Stiefel
 from ..manifolds.oblique import _slice_matrix
+from . import native as _native
 from .step_rules import RuleConstants, rule_constants, step_sizes
 
 __all__ = ["Member", "Chunk", "NativeMember", "GroupPlan", "build_group_plan", "classify"]
@@ -250,7 +251,7 @@ def _native_shape(lay: _Layout, p: torch.Tensor) -> tuple[int, int, int] | None:
     last two dimensions are swapped in memory (columns contiguous: rows of length ``a``).
     """
     if lay.kind != "sphere" or p.device.type != "cpu" or p.numel() == 0 or \
-            p.dtype not in (torch.float32, torch.float64) or not _dense(p):
+            p.dtype not in _native.DTYPES or not _dense(p):
         return None
     if lay.soa:
         a, s = lay.soa_shape

@@ -35,7 +35,7 @@ from pathlib import Path
 
 import torch
 
-__all__ = ["available", "unavailable_reason", "load", "Item", "check", "check_tensors",
+__all__ = ["DTYPES", "available", "unavailable_reason", "load", "Item", "check", "check_tensors",
            "sphere_step", "sphere_step_parallel", "partition", "library_path"]
 
 _SRC = Path(__file__).with_name("native_kernels.c")
@@ -187,6 +187,8 @@ def unavailable_reason() -> str | None:
 
 
 _SUFFIX = {torch.float32: "f32", torch.float64: "f64"}
+#: the dtypes the kernels are compiled for
+DTYPES = tuple(_SUFFIX)
 
 
 def _fn(name: str, dtype: torch.dtype):
@@ -235,6 +237,8 @@ def _executor(workers: int):
     if _pool_key != key:
         from concurrent.futures import ThreadPoolExecutor
 
+        if _pool is not None and _pool_key[0] == key[0]:  # other size, same process
+            _pool.shutdown(wait=False)
         _pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="kernelgeo-native")
         _pool_key = key
     return _pool

@@ -579,7 +579,7 @@ class ConvergentRSGD(RiemannianSGD):
         """``torch.optim.SGD(fused=True)``'s kernel on CPU float parameters (one call instead
         of three multi-tensor passes; the same recursion).  False: not applicable here."""
         if self.native is False or _compiling() or not _fused_sgd_ok() or \
-                not all(p.is_cpu and p.dtype in _NATIVE_DTYPES for p in params):
+                not all(p.is_cpu and p.dtype in _native.DTYPES for p in params):
             return False
         wd, mu, damp = group["weight_decay"], group["momentum"], group["dampening"]
         kw = dict(weight_decay=wd, momentum=mu, lr=group["lr"], dampening=damp,
@@ -685,7 +685,6 @@ def _grad(p):
     return p.grad
 
 
-_NATIVE_DTYPES = (torch.float32, torch.float64)
 #: fewest entries per thread of the fused kernels (below, a thread costs more than it saves)
 NATIVE_GRAIN = 1 << 20
 _FUSED_SGD: bool | None = None
@@ -712,7 +711,7 @@ def _compiling() -> bool:
 
 
 def _native_checkable(g: torch.Tensor) -> bool:
-    return g.is_cpu and g.dtype in _NATIVE_DTYPES and g.is_contiguous()
+    return g.is_cpu and g.dtype in _native.DTYPES and g.is_contiguous()
 
 
 def _all_finite(ts: list[torch.Tensor], small: int = 1 << 14) -> bool:
