@@ -2,25 +2,25 @@ r"""Geodesic distances, logarithms and interpolation between kernels, layers and
 
 Closed forms (spheres, centred spheres, oblique manifolds, Euclidean factors and products of
 them) come from the manifolds themselves (``component_dist``, ``logmap``, ``expmap``).  The
-Stiefel manifold has no closed-form logarithm; two numerical ones are provided here:
+Stiefel manifold has no closed-form logarithm (except on :math:`O(p)`); the one numerical
+implementation is :mod:`kernelgeo.manifolds.stiefel_log`, shared with
+:meth:`Stiefel.logmap <kernelgeo.manifolds.KernelManifold.logmap>`, for two metrics:
 
-``metric="euclidean"`` (default, the metric the kernels are trained with)
-    single shooting: starting from the canonical logarithm, repeat
-    :math:`U \leftarrow U + P_X\big(Y - \mathrm{Exp}_X(U)\big)` until the endpoint error
-    :math:`\|\mathrm{Exp}_X(U) - Y\|_F` is below ``tol``.  The update uses
-    :math:`\mathrm d\,\mathrm{Exp}_X(U) \approx \mathrm{id}` (exact at :math:`U=0`), so it
-    converges linearly with a rate that grows with curvature times distance; it is fast for
-    the moderately separated points met in training (a few iterations on 576x64 kernels) and
-    reports failure instead of returning a wrong answer.  This is the simple variant of the
-    shooting methods compared by Zimmermann & Hüper (2022, SIAM J. Matrix Anal. Appl.).
+``metric="euclidean"`` (default, the embedded metric the kernels are trained with)
+    Gauss–Newton with the exact differential of the exponential, started from the canonical
+    logarithm, numerical continuation as fallback;
 ``metric="canonical"``
-    Zimmermann's algorithm (2017, SIAM J. Matrix Anal. Appl. 38(2)) for the canonical metric
-    :math:`g_c(\Delta,\Delta) = \operatorname{tr}\Delta^\top(I - \tfrac12 XX^\top)\Delta`:
-    complete :math:`[M; N]` (:math:`M = X^\top Y`, :math:`QN = Y - XM`) to an orthogonal
-    :math:`V`, then rotate its last :math:`p` columns until the lower-right block of
-    :math:`\log V` vanishes.  Distance :math:`\sqrt{\|A\|^2/2 + \|B\|^2}`.
+    Zimmermann's algorithm (2017) with a full orthogonal completion, Gauss–Newton polishing;
+    distance :math:`\sqrt{\|\Delta\|^2 - \tfrac12\|X^\top\Delta\|^2}`.
 
-and two cheap, clearly named surrogates: ``"chordal"`` (:math:`\|X - Y\|_F`, a lower bound of
+Every logarithm is verified (:math:`\|\mathrm{Exp}_X(\mathrm{Log}_XY) - Y\|_F\le` ``tol``
+:math:`\cdot r`) and certified minimising (length at most :math:`\pi r`, resp.
+:math:`\sqrt{4/5}\,\pi r`); otherwise :class:`StiefelLogError` is raised with the reason.  On
+:math:`O(p)` the distance between the two components is :math:`+\infty`.  No metric is ever
+replaced by another: :func:`layer_distances` records NaN (with a warning naming the parameter
+and the reason) for a parameter whose distance cannot be certified.
+
+Two cheap, clearly named surrogates: ``"chordal"`` (:math:`\|X - Y\|_F`, a lower bound of
 every geodesic distance of the embedded metric) and ``"procrustes"``
 (:math:`\min_{R\in O(p)}\|XR - Y\|_F`, the chordal distance of the column spans).
 
@@ -32,70 +32,19 @@ from __future__ import annotations
 import math
 import warnings
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass, field
 
-import numpy as np
 import torch
 
 from .._compat import ManifoldParameter
 from ..manifolds import Euclidean, KernelManifold, KernelProduct, Stiefel
+from ..manifolds.stiefel import stiefel_dist_batch, stiefel_log_batch
+from ..manifolds.stiefel_log import StiefelLogError
 
 __all__ = [
     "stiefel_log", "stiefel_dist", "stiefel_exp_canonical", "kernel_dist", "kernel_logmap",
     "geodesic", "parameter_manifolds", "layer_distances", "path_lengths", "PathRecorder",
     "interpolate_state_dict", "StiefelLogError",
 ]
-
-
-class StiefelLogError(RuntimeError):
-    """The Stiefel logarithm did not converge (points too far apart for the method)."""
-
-
-def _sym(a):
-    return 0.5 * (a + a.transpose(-1, -2))
-
-
-def _unit_exp(y, v):
-    """Embedded-metric Stiefel exponential on unit-radius batches ``(G, n, p)``."""
-    return Stiefel()._bexpmap(y, v, 1.0)
-
-
-def _unit_proju(y, u):
-    return u - y @ _sym(y.transpose(-1, -2) @ u)
-
-
-# --------------------------------------------------------------------- canonical (Zimmermann)
-def _real_logm(v: np.ndarray) -> np.ndarray:
-    from scipy.linalg import logm
-
-    lv = logm(v)
-    lv = np.real(lv)
-    return 0.5 * (lv - lv.T)  # the log of an orthogonal matrix is skew; remove round-off
-
-
-def _log_canonical_one(y0: np.ndarray, y1: np.ndarray, tol: float, max_iter: int):
-    from scipy.linalg import expm
-
-    n, p = y0.shape
-    m = y0.T @ y1
-    q, nn = np.linalg.qr(y1 - y0 @ m)
-    mn = np.vstack([m, nn])
-    full, _ = np.linalg.qr(mn, mode="complete")
-    v = np.hstack([mn, full[:, p:]])
-    if np.linalg.det(v) < 0:  # the completion is free: choose it in SO(2p)
-        v[:, -1] *= -1
-    it = 0
-    for it in range(1, max_iter + 1):  # noqa: B007
-        lv = _real_logm(v)
-        c = lv[p:, p:]
-        if np.linalg.norm(c) < tol:
-            break
-        v[:, p:] = v[:, p:] @ expm(-c)
-    else:
-        raise StiefelLogError(f"canonical Stiefel log did not converge in {max_iter} "
-                              f"iterations (|C| = {np.linalg.norm(c):.3g})")
-    a, b = lv[:p, :p], lv[p:, :p]
-    return y0 @ a + q @ b, a, b, q, it
 
 
 def stiefel_exp_canonical(y: torch.Tensor, delta: torch.Tensor) -> torch.Tensor:
@@ -115,14 +64,9 @@ def stiefel_exp_canonical(y: torch.Tensor, delta: torch.Tensor) -> torch.Tensor:
 
 
 # ------------------------------------------------------------------------ public Stiefel log
-@dataclass
-class _LogInfo:
-    iterations: list[int] = field(default_factory=list)
-    residual: float = 0.0
-
-
 def stiefel_log(x: torch.Tensor, y: torch.Tensor, *, r: float = 1.0, metric: str = "euclidean",
-                tol: float = 1e-10, max_iter: int = 200, return_info: bool = False):
+                tol: float = 1e-9, max_iter: int = 100, certify: bool = True,
+                return_info: bool = False):
     r"""Riemannian logarithm :math:`\mathrm{Log}_X(Y)` on :math:`\mathrm{St}(n,p)` of radius r.
 
     Parameters
@@ -133,75 +77,50 @@ def stiefel_log(x: torch.Tensor, y: torch.Tensor, *, r: float = 1.0, metric: str
     r : float
         Radius.
     metric : {"euclidean", "canonical"}
-        Embedded (Euclidean) metric by shooting, or the canonical metric by Zimmermann's
-        algorithm (see the module docstring).
+        Embedded (Euclidean) or canonical metric (see the module docstring).
     tol : float
-        Stopping tolerance (relative to the radius): endpoint error for ``"euclidean"``, norm
-        of the lower-right log block for ``"canonical"``.
+        Bound on the endpoint error :math:`\|\mathrm{Exp}_X(\Delta) - Y\|_F / r`, checked on
+        every result.
     max_iter : int
-        Iteration cap; :class:`StiefelLogError` is raised when it is reached.
+        Iteration cap of the inner solvers.
+    certify : bool
+        Refuse logarithms longer than the radius within which geodesics are certainly
+        minimising (default).  ``False`` returns any verified geodesic (its length is then
+        only an upper bound of the distance).
     return_info : bool
-        Also return ``{"iterations": [...], "residual": float}``.
+        Also return ``{"residual": float, "methods": [...], "lengths": tensor}``.
 
     Returns
     -------
     torch.Tensor
         Tangent vector at ``x`` of the same shape (computed in float64 on the float64 polar
         projections of ``x`` and ``y``, returned in x's dtype).
+
+    Raises
+    ------
+    StiefelLogError
+        Points in different components of :math:`O(p)`, no convergence, endpoint error above
+        ``tol``, or a geodesic longer than the certified radius.
     """
-    if metric not in ("euclidean", "canonical"):
-        raise ValueError(f"metric must be 'euclidean' or 'canonical', got {metric!r}")
     squeeze = x.dim() == 2
-    # float32 kernels are orthonormal only to ~1e-7: project in float64 so that the
-    # endpoint tolerance measures the method, not the inputs' round-off
-    unit = Stiefel()
-    x64 = unit._bprojx((x.detach().double() / r).reshape(-1, *x.shape[-2:]), 1.0)
-    y64 = unit._bprojx((y.detach().double() / r).reshape(-1, *y.shape[-2:]), 1.0)
-    info = _LogInfo()
-    deltas = []
-    for xi, yi in zip(x64.numpy(), y64.numpy()):
-        d, *_, it = _log_canonical_one(xi, yi, tol, max_iter)
-        deltas.append(d)
-        info.iterations.append(it)
-    u = torch.from_numpy(np.stack(deltas))
-    if metric == "euclidean":
-        # the canonical log is the right direction with a slightly wrong length profile:
-        # a good start for shooting with the embedded exponential
-        u = _unit_proju(x64, u)
-        step, prev = 1.0, math.inf
-        u_prev, res_prev = u, torch.zeros_like(u)
-        for it in range(1, max_iter + 1):  # noqa: B007
-            res = y64 - _unit_exp(x64, u)
-            err = float(res.flatten(1).norm(dim=1).max())
-            if err < tol:
-                break
-            if err > prev:  # overshoot far from the solution: damp the last update
-                step *= 0.5
-                u = u_prev + step * _unit_proju(x64, res_prev)
-                continue
-            u_prev, res_prev, prev = u, res, err
-            u = u + step * _unit_proju(x64, res)
-        else:
-            raise StiefelLogError(
-                f"embedded-metric Stiefel log (shooting) did not converge in {max_iter} "
-                f"iterations: endpoint error {err:.3g}; the points are too far apart for "
-                "shooting, use metric='canonical' or a chordal distance")
-        info.iterations = [it] * len(info.iterations)
-        info.residual = err
-    out = (u * r).to(x.dtype)
-    out = out[0] if squeeze else out.reshape(x.shape)
-    return (out, {"iterations": info.iterations, "residual": info.residual}) if return_info \
-        else out
+    xb = x.reshape(-1, *x.shape[-2:])
+    yb = y.reshape(-1, *y.shape[-2:])
+    out = stiefel_log_batch(xb, yb, r, metric=metric, tol=tol, max_iter=max_iter,
+                            certify=certify, return_info=return_info)
+    u, info = out if return_info else (out, None)
+    u = u[0] if squeeze else u.reshape(x.shape)
+    return (u, info) if return_info else u
 
 
 def stiefel_dist(x: torch.Tensor, y: torch.Tensor, *, r: float = 1.0,
                  metric: str = "euclidean", **kwargs) -> torch.Tensor:
     r"""Per-component Stiefel distance, shape ``(G,)`` for ``(G, n, p)`` inputs.
 
-    ``metric`` is ``"euclidean"`` (geodesic distance of the embedded metric: the Frobenius
-    norm of :func:`stiefel_log`), ``"canonical"`` (:math:`r\sqrt{\|A\|^2/2+\|B\|^2}`),
-    ``"chordal"`` (:math:`\|X - Y\|_F`) or ``"procrustes"``
-    (:math:`\min_{R\in O(p)}\|XR - Y\|_F = \sqrt{2pr^2 - 2\|X^\top Y\|_*}`).
+    ``metric`` is ``"euclidean"`` (geodesic distance of the embedded metric),
+    ``"canonical"`` (:math:`\sqrt{\|\Delta\|^2-\tfrac12\|X^\top\Delta\|^2}` for the canonical
+    log :math:`\Delta`), both by :func:`stiefel_log` (``kwargs`` go there; closed form and
+    ``inf`` between components on :math:`O(p)`), ``"chordal"`` (:math:`\|X - Y\|_F`) or
+    ``"procrustes"`` (:math:`\min_{R\in O(p)}\|XR - Y\|_F = \sqrt{2pr^2 - 2\|X^\top Y\|_*}`).
     """
     xb = x.reshape(-1, *x.shape[-2:])
     yb = y.reshape(-1, *y.shape[-2:])
@@ -211,13 +130,10 @@ def stiefel_dist(x: torch.Tensor, y: torch.Tensor, *, r: float = 1.0,
         p = xb.shape[-1]
         nuc = torch.linalg.svdvals(xb.transpose(-1, -2) @ yb).sum(-1)
         return (2 * p * r * r - 2 * nuc).clamp_min(0).sqrt()
-    if metric == "canonical":
-        u = stiefel_log(xb, yb, r=r, metric="canonical", **kwargs)
-        a = xb.transpose(-1, -2) @ u / (r * r)
-        return ((u * u).flatten(1).sum(1) - 0.5 * r * r * (a * a).flatten(1).sum(1)) \
-            .clamp_min(0).sqrt()
-    u = stiefel_log(xb, yb, r=r, metric=metric, **kwargs)
-    return u.flatten(1).norm(dim=1)
+    if metric not in ("euclidean", "canonical"):
+        raise ValueError("metric must be 'euclidean', 'canonical', 'chordal' or 'procrustes', "
+                         f"got {metric!r}")
+    return stiefel_dist_batch(xb, yb, r, metric=metric, **kwargs)
 
 
 # ------------------------------------------------------------------- any kernel manifold
@@ -332,8 +248,9 @@ def layer_distances(manifolds: Mapping[str, KernelManifold], a, b, *,
         Two models or state dicts with the same keys (e.g. initial and trained weights, or two
         trained seeds of one architecture).
     stiefel_metric : str
-        See :func:`stiefel_dist`.  If the shooting log fails (far-apart points) the canonical
-        distance is used for that parameter, with a warning.
+        See :func:`stiefel_dist`.  A parameter whose Stiefel distance cannot be computed and
+        certified (:class:`StiefelLogError`) gets NaN, with a warning naming it and the
+        reason; no other metric is substituted.
     kernels_only : bool
         Only parameters with at least 2 dims (kernels and linear weights).
     """
@@ -349,9 +266,9 @@ def layer_distances(manifolds: Mapping[str, KernelManifold], a, b, *,
             out[name] = float(kernel_dist(m, xa.double(), xb.double(),
                                           stiefel_metric=stiefel_metric))
         except StiefelLogError as err:
-            warnings.warn(f"{name}: {err}; using the canonical distance", stacklevel=2)
-            out[name] = float(kernel_dist(m, xa.double(), xb.double(),
-                                          stiefel_metric="canonical"))
+            warnings.warn(f"{name}: {stiefel_metric} distance not computed, recorded as NaN: "
+                          f"{err}", stacklevel=2)
+            out[name] = math.nan
     return out
 
 

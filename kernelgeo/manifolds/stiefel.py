@@ -25,7 +25,8 @@ Operations (unit radius; radius :math:`r` by scaling :math:`X = rY`):
         \begin{pmatrix}e^{-A}\\ 0\end{pmatrix},\quad A = Y^\top U,\ S = U^\top U
 
 (Edelman, Arias & Smith 1998, eq. 2.45).  There is no closed-form logarithm or distance for
-the embedded metric; :mod:`kernelgeo.analysis.geodesics` provides numerical ones.
+the embedded metric (except on :math:`O(p)`); :mod:`kernelgeo.manifolds.stiefel_log`
+computes verified ones, used by :meth:`Stiefel.logmap` and :meth:`Stiefel.component_dist`.
 """
 
 from __future__ import annotations
@@ -37,7 +38,7 @@ import torch
 from .base import KernelManifold, KernelShapeError
 from .oblique import _slice_matrix
 
-__all__ = ["Stiefel", "stiefel_groups"]
+__all__ = ["Stiefel", "stiefel_groups", "stiefel_log_batch", "stiefel_dist_batch"]
 
 
 def _sym(a: torch.Tensor) -> torch.Tensor:
@@ -90,6 +91,69 @@ def _polar(m: torch.Tensor, precise: bool = False) -> torch.Tensor:
     return u @ vh
 
 
+def _unit64(x: torch.Tensor, r: float) -> torch.Tensor:
+    # float32 kernels are orthonormal only to ~1e-7: project in float64 so that the endpoint
+    # tolerance measures the method, not the inputs' round-off
+    return _polar(x.detach().double() / r)
+
+
+def stiefel_log_batch(x: torch.Tensor, y: torch.Tensor, r: float = 1.0, *,
+                      metric: str = "euclidean", tol: float = 1e-9, max_iter: int = 100,
+                      certify: bool = True, return_info: bool = False):
+    r"""Riemannian logarithm :math:`\mathrm{Log}_X(Y)` on :math:`\mathrm{St}(n,p)` of radius r.
+
+    Parameters
+    ----------
+    x, y : torch.Tensor
+        Points ``(G, n, p)`` with :math:`X^\top X = Y^\top Y = r^2 I` (to round-off).
+    r : float
+        Radius.
+    metric : {"euclidean", "canonical"}
+        Embedded (Euclidean) metric, the one kernels are trained with, or the canonical metric.
+    tol : float
+        Bound on the endpoint error :math:`\|\mathrm{Exp}_X(\Delta) - Y\|_F/r`, checked.
+    max_iter : int
+        Iteration cap of the inner solvers.
+    certify : bool
+        Refuse (``True``) logarithms longer than the radius within which geodesics are
+        certainly minimising (:math:`\pi r` embedded, :math:`\sqrt{4/5}\pi r` canonical).
+    return_info : bool
+        Also return ``{"residual", "methods", "lengths"}``.
+
+    Returns
+    -------
+    torch.Tensor
+        ``(G, n, p)`` in ``x``'s dtype (computed in float64 on the polar projections).
+
+    Raises
+    ------
+    StiefelLogError
+        With the reason; see :mod:`kernelgeo.manifolds.stiefel_log`.
+    """
+    from .stiefel_log import stiefel_log_unit
+
+    u, info = stiefel_log_unit(_unit64(x, r), _unit64(y, r), metric=metric, tol=tol,
+                               max_iter=max_iter, certify=certify, return_info=True)
+    out = (r * u).to(dtype=x.dtype, device=x.device)
+    if return_info:
+        info["lengths"] = r * info["lengths"]
+        return out, info
+    return out
+
+
+def stiefel_dist_batch(x: torch.Tensor, y: torch.Tensor, r: float = 1.0, *,
+                       metric: str = "euclidean", **kwargs) -> torch.Tensor:
+    r"""Geodesic distances ``(G,)`` on :math:`\mathrm{St}(n,p)` of radius r (``x``'s dtype).
+
+    Closed form on :math:`O(p)` (``inf`` between its two components); otherwise the length of
+    the verified, certified logarithm (:func:`stiefel_log_batch`, same keywords).
+    """
+    from .stiefel_log import stiefel_dist_unit
+
+    d = stiefel_dist_unit(_unit64(x, r), _unit64(y, r), metric=metric, **kwargs)
+    return (r * d).to(dtype=x.dtype, device=x.device)
+
+
 class Stiefel(KernelManifold):
     r"""Orthonormal kernels on :math:`\mathrm{St}(n,p)` with the embedded metric.
 
@@ -108,29 +172,26 @@ class Stiefel(KernelManifold):
     Notes
     -----
     Facts for one component :math:`\mathrm{St}(n,p)`, radius 1 (divide curvatures by :math:`r^2`,
-    multiply lengths by :math:`r`):
+    multiply lengths by :math:`r`); :doc:`/theory/stiefel` has the derivations and sources.
 
     * dimension :math:`np - p(p+1)/2`;
-    * sectional curvature (Gauss equation with second fundamental form
-      :math:`\mathrm{II}(U,V) = -Y\,\mathrm{sym}(U^\top V)`):
-      :math:`K = \|UV^\top\|^2 - \|\mathrm{sym}(U^\top V)\|^2` for orthonormal
-      :math:`U, V`; the known range for :math:`n>p\ge 2` is :math:`-\tfrac12\le K\le 1`
-      (as cited by Zimmermann & Stoye 2024; Cauchy–Schwarz alone gives :math:`[-1, 1]`, and
-      :math:`-\tfrac12` is attained by :math:`U=[a, 0], V=[0, a]` with :math:`a\perp Y`);
-      :math:`p=1` is the unit sphere (:math:`K=1`), :math:`n=p` is :math:`O(p)` with a
-      bi-invariant metric, :math:`K = \tfrac14\|[A,C]\|^2` for orthonormal skew :math:`A, C`:
-      :math:`0\le K\le\tfrac14` for :math:`p\ge 4` (Bloch & Iserles 2005:
-      :math:`\|[A,C]\|\le\|A\|\|C\|` for skew matrices; Böttcher–Wenzel alone gives
-      :math:`\tfrac12`), constant :math:`\tfrac18` on :math:`O(3)` (a round
-      :math:`\mathbb{RP}^3`); both extremes are reached numerically by
-      :func:`kernelgeo.analysis.curvature.optimize_curvature`;
-    * injectivity radius: :math:`\pi` for :math:`p<n` (Zimmermann & Stoye 2024, "The
-      injectivity radius of the compact Stiefel manifold under the Euclidean metric");
-      :math:`\pi\sqrt2` for :math:`O(p)`, :math:`p\ge 2` (our value: :math:`K\le\tfrac14`
-      and shortest geodesic loops of length :math:`2\pi\sqrt2`, by Klingenberg's lemma);
-    * diameter :math:`\pi\sqrt p` for :math:`p<n` (upper bound: rotate by
-      :math:`e^{t\Omega}` with :math:`\|\Omega\|_2\le\pi`; attained by :math:`Y` and
-      :math:`-Y`, whose columns are antipodal).  For :math:`n=p` this is an upper bound.
+    * sectional curvature :math:`K = \|UV^\top\|^2 - \|\mathrm{sym}(U^\top V)\|^2` for
+      orthonormal tangent :math:`U, V` (Gauss equation).  Range by shape, every end attained:
+      :math:`[-\tfrac12, 1]` for :math:`n-p\ge 2,\ p\ge 2`; :math:`[-\tfrac12, \tfrac12]` for
+      :math:`n = p+1,\ p\ge 2` (the upper end measured by optimisation, no proof here);
+      :math:`1` for :math:`p = 1` (a sphere); :math:`O(p)` (:math:`n=p`): flat circles for
+      :math:`p=2`, constant :math:`\tfrac18` for :math:`p=3`, :math:`[0,\tfrac14]` for
+      :math:`p\ge 4`;
+    * injectivity radius :math:`\pi` for :math:`p<n` (Zimmermann & Stoye 2024),
+      :math:`\pi\sqrt2` for :math:`O(p)`;
+    * diameter :math:`\pi\sqrt p` for :math:`p<n`, :math:`\pi\sqrt{2\lfloor p/2\rfloor}` for
+      each component of :math:`O(p)` (points of different components are at distance
+      :math:`+\infty`: :meth:`component_dist` returns ``inf``, :meth:`logmap` raises).
+
+    ``logmap`` and ``component_dist`` are those of the embedded metric, computed numerically
+    (:mod:`kernelgeo.manifolds.stiefel_log`: verified endpoint, certified minimality; they
+    raise :class:`~kernelgeo.manifolds.stiefel_log.StiefelLogError` otherwise) in float64 on
+    the float64 polar projections of the inputs, and are not differentiable.
     """
 
     def __init__(self, per: str = "filter", group_size: int | None = None,
@@ -203,12 +264,14 @@ class Stiefel(KernelManifold):
     def curvature_bounds(self, shape):
         _, n, p = self._np(shape)
         r2 = self.radius_of(shape) ** 2
-        if self.component_dim(shape) < 2:
+        if self.component_dim(shape) < 2:  # a circle (St(2,1), O(2)) has no 2-planes
             return (0.0, 0.0)
         if p == 1:
             return (1.0 / r2, 1.0 / r2)
         if n == p:  # O(p), bi-invariant: K = |[A, C]|^2 / 4 for orthonormal skew A, C
             return (0.125 / r2, 0.125 / r2) if p == 3 else (0.0, 0.25 / r2)
+        if n == p + 1:  # K = 1 needs two orthonormal directions normal to span(Y)
+            return (-0.5 / r2, 0.5 / r2)
         return (-0.5 / r2, 1.0 / r2)
 
     def injectivity_radius(self, shape):
@@ -220,6 +283,8 @@ class Stiefel(KernelManifold):
 
     def diameter(self, shape):
         _, n, p = self._np(shape)
+        if n == p:  # one component of O(p): all rotation angles pi, |Omega|^2 = 2 sum theta^2
+            return math.pi * math.sqrt(2 * (p // 2)) * self.radius_of(shape)
         return math.pi * math.sqrt(p) * self.radius_of(shape)
 
     def describe(self, shape):
@@ -249,6 +314,16 @@ class Stiefel(KernelManifold):
         ema = torch.linalg.matrix_exp(-a)
         z = torch.cat([y, v], dim=-1) @ (e[..., :, :p] @ ema)
         return r * z
+
+    def _blog(self, x, y, r, metric="euclidean", **kwargs):
+        """Verified logarithm on ``(G, n, p)`` batches (see :func:`stiefel_log_batch`)."""
+        return stiefel_log_batch(x, y, r, metric=metric, **kwargs)
+
+    def _blogmap(self, x, y, r):
+        return self._blog(x, y, r)
+
+    def _bdist(self, x, y, r):
+        return stiefel_dist_batch(x, y, r)
 
     def _bconstraint_error(self, x, r):
         # ||Y^T Y - I||_F / 2 equals the Frobenius distance to the nearest point r*polar(X),
