@@ -659,7 +659,9 @@ def test_facts_are_consistent(mid, sid):
             assert b.component_dim(sh) == n * p - p * (p + 1) // 2
             lo, hi = b.curvature_bounds(sh)
             assert -1 / r**2 - 1e-12 <= lo <= hi <= 1 / r**2 + 1e-12
-            assert b.diameter(sh) == pytest.approx(math.pi * math.sqrt(p) * r)
+            # O(p) (n = p): one component's diameter, all rotation angles pi
+            diam = math.sqrt(p) if n > p else math.sqrt(2 * (p // 2))
+            assert b.diameter(sh) == pytest.approx(math.pi * diam * r)
 
 
 EXPECTED_FACTS = [

@@ -171,14 +171,19 @@ def kernel_dist(manifold: KernelManifold, x: torch.Tensor, y: torch.Tensor, *,
 
 
 def kernel_logmap(manifold: KernelManifold, x: torch.Tensor, y: torch.Tensor, *,
-                  stiefel_metric: str = "euclidean") -> torch.Tensor:
-    """Logarithm :math:`\\mathrm{Log}_x(y)` block by block (Stiefel: :func:`stiefel_log`)."""
+                  stiefel_metric: str = "euclidean", certify: bool = True) -> torch.Tensor:
+    """Logarithm :math:`\\mathrm{Log}_x(y)` block by block (Stiefel: :func:`stiefel_log`).
+
+    ``certify=False`` accepts, for Stiefel blocks, a verified geodesic longer than the radius
+    within which geodesics are certainly minimising (see :func:`stiefel_log`).
+    """
     out = torch.empty_like(x)
     for m, idx in _blocks(manifold, x.shape):
         xi, yi = x[idx], y[idx]
         if isinstance(m, Stiefel):
             r = m.radius_of(xi.shape)
-            u = stiefel_log(m.to_batch(xi), m.to_batch(yi), r=r, metric=stiefel_metric)
+            u = stiefel_log(m.to_batch(xi), m.to_batch(yi), r=r, metric=stiefel_metric,
+                            certify=certify)
             out[idx] = m.from_batch(u, xi.shape)
         else:
             out[idx] = m.logmap(xi, yi)
@@ -187,12 +192,15 @@ def kernel_logmap(manifold: KernelManifold, x: torch.Tensor, y: torch.Tensor, *,
 
 def geodesic(manifold: KernelManifold, x: torch.Tensor, y: torch.Tensor,
              t: float | Iterable[float], *, stiefel_metric: str = "euclidean",
-             log: torch.Tensor | None = None) -> torch.Tensor:
-    r"""Point(s) :math:`\gamma(t)` of the minimising geodesic from ``x`` (t=0) to ``y`` (t=1).
+             log: torch.Tensor | None = None, certify: bool = True) -> torch.Tensor:
+    r"""Point(s) :math:`\gamma(t)` of the geodesic from ``x`` (t=0) to ``y`` (t=1).
 
     :math:`\gamma(t) = \mathrm{Exp}_x(t\,\mathrm{Log}_x y)` block by block; for Stiefel blocks
     with ``stiefel_metric="canonical"`` the canonical exponential is used, so that the curve
-    is the canonical geodesic.  Pass ``log`` (from :func:`kernel_logmap`) to reuse it.
+    is the canonical geodesic.  Pass ``log`` (from :func:`kernel_logmap`) to reuse it.  With
+    ``certify=True`` (default) the geodesic is the minimising one; ``certify=False`` also
+    accepts a verified Stiefel geodesic beyond the certified radius (then it joins ``x`` and
+    ``y`` but need not be the shortest curve).
 
     Returns
     -------
@@ -202,7 +210,7 @@ def geodesic(manifold: KernelManifold, x: torch.Tensor, y: torch.Tensor,
     many = not isinstance(t, (int, float))
     ts = list(t) if many else [float(t)]
     if log is None:
-        log = kernel_logmap(manifold, x, y, stiefel_metric=stiefel_metric)
+        log = kernel_logmap(manifold, x, y, stiefel_metric=stiefel_metric, certify=certify)
     outs = []
     for ti in ts:
         out = torch.empty_like(x)
@@ -365,7 +373,10 @@ def interpolate_state_dict(manifolds: Mapping[str, KernelManifold], a, b, t: flo
     parameters and float buffers on the straight line (the Euclidean geodesic);
     ``mode="linear"``: every tensor on the straight line :math:`(1-t)a + tb` (kernels leave
     their manifolds in between).  Integer buffers are taken from ``a``.  ``logs`` caches the
-    logarithms across calls (pass the same dict for every ``t``).
+    logarithms across calls (pass the same dict for every ``t``).  Stiefel kernels follow a
+    verified geodesic through both endpoints, the minimising one when it is shorter than the
+    certified radius (:func:`stiefel_log`, ``certify=False``): far-apart kernels (a trained
+    layer and its initialisation) still get a geodesic path.
     """
     if mode not in ("geodesic", "linear"):
         raise ValueError(f"mode must be 'geodesic' or 'linear', got {mode!r}")
@@ -381,7 +392,8 @@ def interpolate_state_dict(manifolds: Mapping[str, KernelManifold], a, b, t: flo
             if logs is not None and k in logs:
                 log = logs[k]
             else:
-                log = kernel_logmap(m, va.double(), vb.double(), stiefel_metric=stiefel_metric)
+                log = kernel_logmap(m, va.double(), vb.double(), stiefel_metric=stiefel_metric,
+                                    certify=False)
                 if logs is not None:
                     logs[k] = log
             out[k] = geodesic(m, va.double(), vb.double(), float(t),
