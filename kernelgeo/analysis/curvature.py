@@ -28,10 +28,15 @@ the orthogonal projection onto :math:`T_x\mathcal M` (differentiate :math:`V = P
 own ``proju``.
 
 Known bounds (per component, radius 1; divide by :math:`r^2`): spheres :math:`K = 1`; products
-of spheres :math:`0 \le K \le 1` (0 on planes mixing two factors); Stiefel with the embedded
-metric :math:`-\tfrac12 \le K \le 1` for :math:`n > p \ge 2` (Zimmermann & Stoye 2024,
-arXiv:2403.01879, "High curvature means low-rank"), :math:`0\le K\le\tfrac12` for
-:math:`O(p)` (:math:`n = p`, bi-invariant metric, Böttcher–Wenzel).
+of spheres :math:`0 \le K \le 1` (0 on planes mixing two factors); Stiefel
+:math:`\mathrm{St}(n,p)` with the embedded metric, by shape (every end attained, see
+:meth:`Stiefel.curvature_bounds <kernelgeo.manifolds.KernelManifold.curvature_bounds>` and
+:doc:`/theory/stiefel`): :math:`[-\tfrac12, 1]` for :math:`n - p \ge 2,\ p\ge 2` (Zimmermann &
+Stoye 2024, arXiv:2403.01879, "High curvature means low-rank"); :math:`[-\tfrac12, \tfrac12]`
+for :math:`n = p + 1,\ p\ge 2` (upper end measured with :func:`optimize_curvature`);
+:math:`O(p)` (:math:`n = p`, bi-invariant metric, :math:`K = \tfrac14\|[A,C]\|^2`): constant
+:math:`\tfrac18` for :math:`p = 3` and :math:`0 \le K\le\tfrac14` for :math:`p\ge 4`
+(:math:`\|[A,C]\|\le\|A\|\|C\|` for skew matrices, Bloch & Iserles 2005).
 """
 
 from __future__ import annotations
