@@ -510,6 +510,28 @@ def _():
     _close(np.sqrt((col**2).sum()), math.pi * math.sqrt(3))
 
 
+@check("op-dist")
+def _():
+    from scipy.linalg import logm
+
+    rng = _rng(27)
+    r = 1.3
+    m = Stiefel(per="slice", radius=r)
+    for p_ in (3, 4, 5):
+        x, y = _stiefel_point(rng, p_, p_), _stiefel_point(rng, p_, p_)
+        if np.linalg.det(x.T @ y) < 0:
+            y[:, 0] *= -1
+        lam = np.linalg.eigvals(x.T @ y)
+        page = r * np.sqrt(np.sum(np.angle(lam) ** 2))
+        _close(page, r * np.linalg.norm(np.real(logm(x.T @ y))), 1e-9)
+        xs, ys = (_t(r * a).reshape(1, 1, p_, p_) for a in (x, y))
+        _close(float(m.component_dist(xs, ys)[0]), page, 1e-9)
+        assert page <= m.diameter((1, 1, p_, p_)) + 1e-12
+        assert m.diameter((1, 1, p_, p_)) == pytest.approx(math.pi * math.sqrt(2 * (p_ // 2)) * r)
+        y[:, 0] *= -1  # the other component
+        assert math.isinf(float(m.component_dist(xs, _t(r * y).reshape(1, 1, p_, p_))[0]))
+
+
 # ------------------------------------------------------------------------------- products
 @check("product-split")
 def _():

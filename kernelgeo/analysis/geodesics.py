@@ -15,7 +15,8 @@ implementation is :mod:`kernelgeo.manifolds.stiefel_log`, shared with
 
 Every logarithm is verified (:math:`\|\mathrm{Exp}_X(\mathrm{Log}_XY) - Y\|_F\le` ``tol``
 :math:`\cdot r`) and certified minimising (length at most :math:`\pi r`, resp.
-:math:`\sqrt{4/5}\,\pi r`); otherwise :class:`StiefelLogError` is raised with the reason.  On
+:math:`\sqrt{4/5}\,\pi r`); otherwise
+:class:`~kernelgeo.manifolds.stiefel_log.StiefelLogError` is raised with the reason.  On
 :math:`O(p)` the distance between the two components is :math:`+\infty`.  No metric is ever
 replaced by another: :func:`layer_distances` records NaN (with a warning naming the parameter
 and the reason) for a parameter whose distance cannot be certified.
@@ -38,12 +39,12 @@ import torch
 from .._compat import ManifoldParameter
 from ..manifolds import Euclidean, KernelManifold, KernelProduct, Stiefel
 from ..manifolds.stiefel import stiefel_dist_batch, stiefel_log_batch
-from ..manifolds.stiefel_log import StiefelLogError
+from ..manifolds.stiefel_log import StiefelLogError  # noqa: F401 (re-exported name)
 
 __all__ = [
     "stiefel_log", "stiefel_dist", "stiefel_exp_canonical", "kernel_dist", "kernel_logmap",
     "geodesic", "parameter_manifolds", "layer_distances", "path_lengths", "PathRecorder",
-    "interpolate_state_dict", "StiefelLogError",
+    "interpolate_state_dict",
 ]
 
 
@@ -98,7 +99,7 @@ def stiefel_log(x: torch.Tensor, y: torch.Tensor, *, r: float = 1.0, metric: str
 
     Raises
     ------
-    StiefelLogError
+    ~kernelgeo.manifolds.stiefel_log.StiefelLogError
         Points in different components of :math:`O(p)`, no convergence, endpoint error above
         ``tol``, or a geodesic longer than the certified radius.
     """
@@ -257,8 +258,8 @@ def layer_distances(manifolds: Mapping[str, KernelManifold], a, b, *,
         trained seeds of one architecture).
     stiefel_metric : str
         See :func:`stiefel_dist`.  A parameter whose Stiefel distance cannot be computed and
-        certified (:class:`StiefelLogError`) gets NaN, with a warning naming it and the
-        reason; no other metric is substituted.
+        certified (:class:`~kernelgeo.manifolds.stiefel_log.StiefelLogError`) gets NaN, with
+        a warning naming it and the reason; no other metric is substituted.
     kernels_only : bool
         Only parameters with at least 2 dims (kernels and linear weights).
     """

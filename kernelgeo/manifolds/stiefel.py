@@ -127,7 +127,7 @@ def stiefel_log_batch(x: torch.Tensor, y: torch.Tensor, r: float = 1.0, *,
 
     Raises
     ------
-    StiefelLogError
+    ~kernelgeo.manifolds.stiefel_log.StiefelLogError
         With the reason; see :mod:`kernelgeo.manifolds.stiefel_log`.
     """
     from .stiefel_log import stiefel_log_unit
