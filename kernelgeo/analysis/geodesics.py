@@ -7,8 +7,8 @@ implementation is :mod:`kernelgeo.manifolds.stiefel_log`, shared with
 :meth:`Stiefel.logmap <kernelgeo.manifolds.KernelManifold.logmap>`, for two metrics:
 
 ``metric="euclidean"`` (default, the embedded metric the kernels are trained with)
-    Gauss–Newton with the exact differential of the exponential, started from the canonical
-    logarithm, numerical continuation as fallback;
+    from the canonical logarithm, single shooting while it contracts, then Gauss–Newton
+    with the exact differential of the exponential; numerical continuation as fallback;
 ``metric="canonical"``
     Zimmermann's algorithm (2017) with a full orthogonal completion, Gauss–Newton polishing;
     distance :math:`\sqrt{\|\Delta\|^2 - \tfrac12\|X^\top\Delta\|^2}`.

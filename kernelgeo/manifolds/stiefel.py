@@ -94,7 +94,7 @@ def _polar(m: torch.Tensor, precise: bool = False) -> torch.Tensor:
 def _unit64(x: torch.Tensor, r: float) -> torch.Tensor:
     # float32 kernels are orthonormal only to ~1e-7: project in float64 so that the endpoint
     # tolerance measures the method, not the inputs' round-off
-    return _polar(x.detach().double() / r)
+    return _polar(x.detach().to("cpu", torch.float64) / r)
 
 
 def stiefel_log_batch(x: torch.Tensor, y: torch.Tensor, r: float = 1.0, *,
