@@ -91,8 +91,11 @@ def test_stiefel_log_reports_failure():
     m = Stiefel()
     m.min_rank = 2
     x = m.random((2, 4), dtype=torch.float64)
-    with pytest.raises(G.StiefelLogError):
-        G.stiefel_log(m.to_batch(x), -m.to_batch(x), max_iter=5)
+    # -X is pi*sqrt(2) away on St(4, 2): beyond the certified radius pi, refused with reason
+    with pytest.raises(G.StiefelLogError, match="beyond the radius"):
+        G.stiefel_log(m.to_batch(x), -m.to_batch(x))
+    with pytest.raises(G.StiefelLogError, match="beyond the radius"):
+        G.stiefel_dist(m.to_batch(x), -m.to_batch(x))
 
 
 @pytest.mark.parametrize("name", ["sphere", "stiefel", "po:sphere+stiefel", "oblique"])

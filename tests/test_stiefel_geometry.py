@@ -159,10 +159,18 @@ def test_rank_deficient_difference_small_manifold(seed):
         y1 = ex(y0, u)
         lg = G.stiefel_log(t(y0), t(y1), metric=metric)[0].numpy()
         assert np.linalg.norm(lg - u) < 1e-8
+    # n >= 2p and Y1 in the span of Y0 (Y1 - Y0 Y0^T Y1 = 0)
+    y0 = point(rng, 8, 3)
+    u = y0 @ a
+    for metric, ex in (("euclidean", exp_embedded), ("canonical", exp_canonical)):
+        y1 = ex(y0, u)
+        assert np.linalg.norm(y1 - y0 @ (y0.T @ y1)) < 1e-12
+        lg = G.stiefel_log(t(y0), t(y1), metric=metric)[0].numpy()
+        assert np.linalg.norm(lg - u) < 1e-8
 
 
 # -------------------------------------------------------------------------- O(p), n = p
-@pytest.mark.parametrize("p", [3, 4])
+@pytest.mark.parametrize("p", [2, 3, 4])
 def test_orthogonal_group_distance_and_components(p, gen):
     m = Stiefel(per="slice", radius=1.5)
     shape = (2, 1, p, p)
@@ -363,7 +371,11 @@ def test_explicit_planes_attaining_the_stiefel_bounds():
 
 def test_injectivity_radius_and_diameter_by_shape():
     m = Stiefel(per="slice", radius=1.5)
+    # O(2): two flat circles of length 2 pi sqrt 2 r, no 2-planes
+    assert m.curvature_bounds((1, 1, 2, 2)) == (0.0, 0.0)
+    assert m.component_dim((1, 1, 2, 2)) == 1
     for (a, b), inj, diam in [((3, 2), math.pi, math.pi * math.sqrt(2)),
+                              ((2, 2), math.pi * math.sqrt(2), math.pi * math.sqrt(2)),
                               ((3, 3), math.pi * math.sqrt(2), math.pi * math.sqrt(2)),
                               ((4, 4), math.pi * math.sqrt(2), 2 * math.pi),
                               ((5, 5), math.pi * math.sqrt(2), 2 * math.pi),
