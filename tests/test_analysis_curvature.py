@@ -127,16 +127,17 @@ def test_stiefel_curvature_closed_form_and_bounds(shape, group, gen):
 
 @pytest.mark.slow
 def test_stiefel_extreme_curvatures_reach_literature_bounds(gen):
-    # St(5,3): -1/2 and 1 (Zimmermann & Stoye 2024); O(4): max 1/4 < documented 1/2
-    m = Stiefel(group_size=3)
-    m.min_rank = 2
-    x = m.random((3, 5), dtype=D, generator=gen)
-    kmax = C.optimize_curvature(m, x, maximize=True, steps=150, restarts=2, generator=gen)
-    kmin = C.optimize_curvature(m, x, maximize=False, steps=150, restarts=2, generator=gen)
-    assert kmax == pytest.approx(1.0, abs=1e-3)
-    assert kmin == pytest.approx(-0.5, abs=1e-3)
-    lo, hi = m.curvature_bounds((3, 5))
-    assert lo <= kmin and kmax <= hi + 1e-9
+    # St(5,3): -1/2 and 1 (Zimmermann & Stoye 2024); St(4,3) (n = p + 1): -1/2 and 1/2
+    for shape, want in (((3, 5), (-0.5, 1.0)), ((3, 4), (-0.5, 0.5))):
+        m = Stiefel(group_size=3)
+        m.min_rank = 2
+        x = m.random(shape, dtype=D, generator=gen)
+        kmax = C.optimize_curvature(m, x, maximize=True, steps=150, restarts=2, generator=gen)
+        kmin = C.optimize_curvature(m, x, maximize=False, steps=150, restarts=2, generator=gen)
+        assert kmax == pytest.approx(want[1], abs=1e-3)
+        assert kmin == pytest.approx(want[0], abs=1e-3)
+        lo, hi = m.curvature_bounds(shape)
+        assert (lo, hi) == want and lo <= kmin and kmax <= hi + 1e-9
 
 
 @pytest.mark.parametrize("name,shape", [("sphere", (3, 2, 3, 3)), ("oblique", (2, 2, 3, 3)),
