@@ -41,7 +41,7 @@ Every result is verified: :math:`\|\mathrm{Exp}_{Y_0}(\Delta) - Y_1\|_F\le` ``to
 exponential of the metric evaluated in the original :math:`n\times p` coordinates, and its
 length must not exceed the radius within which a geodesic is certainly minimising
 (:math:`\pi` for the embedded metric, Zimmermann & Stoye 2024; :math:`\sqrt{4/5}\,\pi` for the
-canonical one, Rentmeesters 2013).  Otherwise :class:`StiefelLogError` says why; no other
+canonical one if :math:`p\ge 2`, Rentmeesters 2013).  Otherwise :class:`StiefelLogError` says why; no other
 metric or surrogate is substituted.
 """
 
@@ -55,7 +55,8 @@ import torch
 __all__ = ["StiefelLogError", "stiefel_log_unit", "stiefel_dist_unit", "exp_beta",
            "real_log_orthogonal", "CERTIFIED_RADIUS"]
 
-#: radius (unit Stiefel manifold, n > p) below which a geodesic is certainly minimising
+#: radius (unit Stiefel manifold, n > p >= 2) below which a geodesic is certainly minimising
+#: (for p = 1 both metrics are the sphere's: pi)
 CERTIFIED_RADIUS = {"euclidean": math.pi, "canonical": math.sqrt(0.8) * math.pi}
 _BETA = {"euclidean": 1.0, "canonical": 0.5}
 
@@ -393,7 +394,8 @@ def stiefel_log_unit(y0: torch.Tensor, y1: torch.Tensor, *, metric: str = "eucli
             f"|Exp(log) - Y| = {float(err[bad]):.3g} > tol = {tol:.3g} ({methods[bad]})")
     nrm = metric_norm(y0, u, metric)
     if certify and n > p:
-        lim = CERTIFIED_RADIUS[metric]
+        # p = 1: both metrics are the round sphere's (Y^T U = 0), injectivity radius pi
+        lim = CERTIFIED_RADIUS["euclidean" if p == 1 else metric]
         over = nrm > lim * (1 + 1e-9)
         if bool(over.any()):
             j = int(torch.nonzero(over)[0])
