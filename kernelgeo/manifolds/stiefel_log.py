@@ -41,8 +41,8 @@ Every result is verified: :math:`\|\mathrm{Exp}_{Y_0}(\Delta) - Y_1\|_F\le` ``to
 exponential of the metric evaluated in the original :math:`n\times p` coordinates, and its
 length must not exceed the radius within which a geodesic is certainly minimising
 (:math:`\pi` for the embedded metric, Zimmermann & Stoye 2024; :math:`\sqrt{4/5}\,\pi` for the
-canonical one if :math:`p\ge 2`, Rentmeesters 2013).  Otherwise :class:`StiefelLogError` says why; no other
-metric or surrogate is substituted.
+canonical one if :math:`p\ge 2`, Rentmeesters 2013).  Otherwise :class:`StiefelLogError`
+says why; no other metric or surrogate is substituted.
 """
 
 from __future__ import annotations
