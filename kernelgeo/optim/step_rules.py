@@ -47,6 +47,7 @@ Flat components (Euclidean blocks, infinite injectivity radius) always use
 from __future__ import annotations
 
 import math
+import numbers
 from dataclasses import dataclass
 
 import torch
@@ -78,7 +79,7 @@ def check_rule_args(rho, max_step) -> None:
             f"rho={rho!r}: the step rules no longer use a distance bound (the 'gsgd' cap is "
             "set by the injectivity radius and the curvature of each component); remove rho, "
             "and use max_step to change the cap")
-    if not (isinstance(max_step, (int, float)) and 0 < max_step < 1):
+    if not (isinstance(max_step, numbers.Real) and 0 < max_step < 1):
         raise ValueError(f"max_step must be a number in (0, 1), got {max_step!r}")
 
 
