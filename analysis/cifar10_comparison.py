@@ -66,7 +66,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="on Euclidean parameters (default: %(default)s; the paper: 1e-4)")
     p.add_argument("--schedule", default="cosine",
                    choices=("cosine", "step", "robbins-monro", "constant"))
-    p.add_argument("--step-rule", default="bounded", choices=("gsgd", "bounded", "none"),
+    p.add_argument("--step-rule", default="gsgd", choices=("gsgd", "bounded", "none"),
                    help="step-size rule of ConvergentRSGD (default: %(default)s)")
     p.add_argument("--euclidean-optimizer", default="sgd", choices=("sgd", "rsgd"),
                    help="optimizer of the Euclidean baseline (default: torch SGD)")

@@ -124,11 +124,11 @@ def _add_common(p: argparse.ArgumentParser, *, defaults: dict | None = None) -> 
     g.add_argument("--optimizer", choices=OPTIMIZERS, default="rsgd",
                    help="rsgd: kernelgeo ConvergentRSGD; geoopt: geoopt RiemannianSGD; "
                         "sgd: torch SGD (Euclidean models only) (default: %(default)s)")
-    g.add_argument("--step-rule", choices=STEP_RULES, default="bounded",
-                   help="step-size rule of ConvergentRSGD: bounded keeps every geodesic step "
-                        "below half the injectivity radius; gsgd is the G-SGD rule, which "
-                        "shrinks the steps of components with large gradients (whole Stiefel "
-                        "blocks) strongly; none is plain Riemannian SGD (default: %(default)s)")
+    g.add_argument("--step-rule", choices=STEP_RULES, default="gsgd",
+                   help="step-size rule of ConvergentRSGD: gsgd clips each step's length at "
+                        "half the convexity radius (plain Riemannian SGD below it); bounded "
+                        "clips at half the injectivity radius; none is plain Riemannian SGD "
+                        "(default: %(default)s)")
     g.add_argument("--schedule", choices=SCHEDULES, default="cosine",
                    help="learning-rate schedule, stepped every iteration (default: %(default)s)")
     g.add_argument("--rm-t0", type=_pos_float, default=None,

@@ -84,7 +84,7 @@ class TrainConfig:
     model: str | None = None
     geometry: str = "euclidean"
     optimizer: str = "rsgd"
-    step_rule: str = "bounded"
+    step_rule: str = "gsgd"
     schedule: str = "cosine"
     epochs: int = 10
     batch_size: int = 128

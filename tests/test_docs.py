@@ -592,9 +592,7 @@ def _():
     c = _rule_consts("none", Sphere(), (4, 9))
     _close(_np(step_sizes(0.1, rnorm, c)), 0.1)
     c = _rule_consts("gsgd", Sphere(), (4, 9))
-    gam = _np(rnorm) ** 2 * np.maximum((2 * c.rho + _np(rnorm)) ** 2,
-                                       1 + c.c_kappa * (c.rho + _np(rnorm)))
-    _close(_np(step_sizes(0.1, rnorm, c)), 0.1 / np.maximum(1.0, gam))
+    _close(_np(step_sizes(0.1, rnorm, c)), 0.1 / np.maximum(1.0, 0.1 * _np(rnorm) / c.cap))
     try:
         from kernelgeo.optim import ConvergentRSGD
     except ImportError:  # the optimizer is checked once it exists
@@ -612,49 +610,32 @@ def _():
     d = g - (x0 * g).sum(1, keepdims=True) * x0
     rn = np.linalg.norm(d, axis=1, keepdims=True)
     c = _rule_consts("gsgd", m, (4, 9))
-    gam = rn**2 * np.maximum((2 * c.rho + rn) ** 2, 1 + c.c_kappa * (c.rho + rn))
+    gam = 0.1 * rn / c.cap
     step = -(0.1 / np.maximum(1.0, gam)) * d
     _close(_np(p.detach()), (x0 + step) / np.linalg.norm(x0 + step, axis=1, keepdims=True), 1e-9)
 
 
-@check("gsgd-gamma")
+@check("gsgd-cap")
 def _():
-    from kernelgeo.optim.step_rules import step_sizes
+    from kernelgeo.optim.step_rules import convexity_radius, step_sizes
 
-    m = Stiefel()
-    shape = (3, 8)  # St(8, 3): kappa = -1/2
-    c = _rule_consts("gsgd", m, shape)
-    assert c.rho == pytest.approx(m.diameter(shape))
-    kappa = m.curvature_bounds(shape)[0]
-    zeta = math.sqrt(-kappa) * c.rho / math.tanh(math.sqrt(-kappa) * c.rho)
-    assert c.c_kappa == pytest.approx(zeta)
-    rn = np.array([1e-3, 0.05, 0.4, 2.0, 30.0])
-    gam = rn**2 * np.maximum((2 * c.rho + rn) ** 2, 1 + zeta * (c.rho + rn))
-    _close(_np(step_sizes(0.3, _t(rn), c)), 0.3 / np.maximum(1, gam))
-    c2 = _rule_consts("gsgd", m, shape, rho=0.5)
-    assert c2.rho == 0.5
-
-
-@check("zeta")
-def _():
-    from kernelgeo.optim.step_rules import zeta
-
-    for kappa, d in [(-0.5, 3.0), (-2.0, 0.1), (-1e-3, 5.0)]:
-        a = math.sqrt(-kappa) * d
-        assert zeta(kappa, d) == pytest.approx(a * math.cosh(a) / math.sinh(a))
-    assert zeta(0.0, 3.0) == 1.0 and zeta(1.0, 3.0) == 1.0
-
-
-@check("gsgd-step-bound")
-def _():
-    from kernelgeo.optim.step_rules import step_sizes
-
-    m = Sphere(radius=1.3)
-    c = _rule_consts("gsgd", m, (4, 9))
-    rn = torch.logspace(-4, 4, 200, dtype=torch.float64)
-    for lam in (0.01, 1.0, 10.0):
-        length = step_sizes(lam, rn, c) * rn
-        assert float(length.max()) <= lam / (2 * c.rho) * (1 + 1e-12)
+    # (manifold, shape, inj, K_max) from the theory pages
+    cases = [(Sphere(radius=1.3), (4, 9), math.pi * 1.3, 1 / 1.3**2),
+             (Stiefel(), (3, 8), math.pi, 1.0),
+             (Stiefel(), (4, 4, 1, 1), math.pi * math.sqrt(2), 0.25),
+             (Sphere(), (4, 2), math.pi, 0.0)]  # circle: flat, inj only
+    for m, shape, inj, kmax in cases:
+        rc = 0.5 * min(inj, math.pi / math.sqrt(kmax) if kmax > 0 else math.inf)
+        assert convexity_radius(m.injectivity_radius(shape),
+                                m.curvature_bounds(shape)[1]) == pytest.approx(rc)
+        for theta in (0.1, 0.5, 0.9):
+            c = _rule_consts("gsgd", m, shape, max_step=theta)
+            assert c.cap == pytest.approx(theta * rc)
+            rn = np.logspace(-4, 4, 60)
+            for lam in (1e-3, 0.3, 50.0):
+                g = _np(step_sizes(lam, _t(rn), c))
+                _close(g, lam / np.maximum(1, lam * rn / (theta * rc)))
+                _close(g * rn, np.minimum(lam * rn, theta * rc))
 
 
 @check("bounded-gamma")
@@ -663,11 +644,11 @@ def _():
 
     for m, shape in [(Sphere(radius=0.8), (4, 9)), (Stiefel(), (4, 4, 3, 3))]:
         c = _rule_consts("bounded", m, shape, max_step=0.5)
-        assert c.rho_max == pytest.approx(0.5 * m.injectivity_radius(shape))
+        assert c.cap == pytest.approx(0.5 * m.injectivity_radius(shape))
         rn = torch.logspace(-3, 3, 50, dtype=torch.float64)
         for lam in (0.01, 1.0, 100.0):
             length = _np(step_sizes(lam, rn, c) * rn)
-            _close(length, np.minimum(lam * _np(rn), c.rho_max))
+            _close(length, np.minimum(lam * _np(rn), c.cap))
             assert length.max() < m.injectivity_radius(shape)
 
 

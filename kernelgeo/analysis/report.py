@@ -108,8 +108,8 @@ def _optimizer(params, lr: float, momentum: float):
     try:
         from ..optim import ConvergentRSGD  # type: ignore[attr-defined]
 
-        return (ConvergentRSGD(params, lr=lr, momentum=momentum, step_rule="bounded"),
-                "kernelgeo ConvergentRSGD (bounded rule)")
+        return (ConvergentRSGD(params, lr=lr, momentum=momentum, step_rule="gsgd"),
+                "kernelgeo ConvergentRSGD (gsgd rule)")
     except (ImportError, TypeError):
         from .._compat import RiemannianSGD
 

@@ -5,10 +5,12 @@
 
 from .rsgd import ConvergentRSGD, NonFiniteGradientError
 from .scaling import StepScaling
-from .schedules import RobbinsMonroLR, ScheduleWarning, check_robbins_monro
-from .step_rules import RULES, rule_constants, step_sizes, zeta
+from .schedules import GuaranteeWarning, RobbinsMonroLR, ScheduleWarning, check_robbins_monro
+from .step_rules import RULES, convexity_radius, rule_constants, step_sizes
 
 __all__ = [
-    "ConvergentRSGD", "NonFiniteGradientError", "RobbinsMonroLR", "ScheduleWarning",
-    "check_robbins_monro", "StepScaling", "RULES", "rule_constants", "step_sizes", "zeta",
+    "ConvergentRSGD", "GuaranteeWarning", "NonFiniteGradientError", "RobbinsMonroLR",
+    "ScheduleWarning",
+    "check_robbins_monro", "StepScaling", "RULES", "convexity_radius", "rule_constants",
+    "step_sizes",
 ]

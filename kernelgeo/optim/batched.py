@@ -643,7 +643,9 @@ def _momentum(chunk: Chunk, u: torch.Tensor, h: Hyper) -> torch.Tensor:
     elif chunk.fresh is None:
         b.mul_(h.momentum).add_(u, alpha=1.0 - h.dampening)
     else:  # some rows start now: B = u there (torch's first-step rule), mu B + (1-d) u elsewhere
-        coef = torch.where(chunk.fresh, 1.0, 1.0 - h.dampening).to(u.dtype)
+        # built in u's dtype: a float32 1 - dampening would be off by ~1e-8 in float64
+        coef = torch.full(chunk.fresh.shape, 1.0 - h.dampening, dtype=u.dtype,
+                          device=u.device).masked_fill_(chunk.fresh, 1.0)
         if not chunk.layout.soa:  # SoA masks are stored in their broadcast shape
             coef = coef.view((-1,) + (1,) * (u.dim() - 1))
         b.mul_(h.momentum).addcmul_(u, coef)

@@ -55,8 +55,7 @@ class Item(ctypes.Structure):
         ("rn_out", ctypes.c_void_p), ("step_out", ctypes.c_void_p),
         ("nblk", ctypes.c_int64), ("a", ctypes.c_int64), ("s", ctypes.c_int64),
         ("center", ctypes.c_int32), ("fresh", ctypes.c_int32),
-        ("lr", ctypes.c_double), ("r", ctypes.c_double), ("rho", ctypes.c_double),
-        ("ck", ctypes.c_double), ("rho_max", ctypes.c_double),
+        ("lr", ctypes.c_double), ("r", ctypes.c_double), ("cap", ctypes.c_double),
         ("rule", ctypes.c_int32), ("pad", ctypes.c_int32),
     ]
 

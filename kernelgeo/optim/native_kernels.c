@@ -14,7 +14,7 @@
  *   u   = P_x(G) = G_c - <x, G_c>/r^2 x            (G_c = G, or G minus its mean)
  *   B   = u (first step) | mu B + (1 - tau) u       (then)
  *   d   = B | u + mu B (Nesterov) | u (no momentum)
- *   g_k = lambda / max(1, Gamma(||d||))             (step rule)
+ *   g_k = lambda / max(1, lambda ||d|| / cap)        (step rule: length <= cap)
  *   x'  = r y/||y||, y = x - g_k d                  (exact retraction)
  *   B'  = B - <x', B>/r^2 x' = B + c g_k <d, B>/r^2 x',  c = r/||y||
  * Kernels (chosen per item by kg_sphere_step):
@@ -48,22 +48,17 @@ typedef struct {
     double *step_out;  /* per component step size (NULL: not recorded) */
     int64_t nblk, a, s;
     int32_t center, fresh;
-    double lr, r, rho, ck, rho_max;
-    int32_t rule; /* 0: none (or flat), 1: gsgd, 2: bounded */
+    double lr, r, cap;
+    int32_t rule; /* 0: no cap (rule none, or flat), 1: step length capped at cap */
     int32_t pad;
 } kg_item;
 
-/* g_k = lambda / max(1, Gamma_k), kernelgeo.optim.step_rules.step_sizes */
+/* g_k = lambda / max(1, Gamma_k), Gamma_k = lambda R_k / cap:
+ * kernelgeo.optim.step_rules.step_sizes */
 static double kg_step_size(const kg_item *it, double rn) {
-    double gam;
-    if (it->rule == 1) {
-        double t = 2.0 * it->rho + rn, A = t * t, B = 1.0 + it->ck * (it->rho + rn);
-        gam = rn * rn * (A > B ? A : B);
-    } else if (it->rule == 2) {
-        gam = rn * (it->lr / it->rho_max);
-    } else {
+    if (it->rule != 1)
         return it->lr;
-    }
+    double gam = rn * (it->lr / it->cap);
     return it->lr / (gam > 1.0 ? gam : 1.0);
 }
 
@@ -323,7 +318,7 @@ static void NAME(short_any)(const kg_item *it, double mu, double damp, int nest)
     const T ir2 = (T)(1.0 / r2), ia = (T)(1.0 / (double)a), tmu = (T)mu;
     const int fresh = it->fresh, has_b = Bp != NULL, center = it->center, rule = it->rule;
     const T cu = (T)(fresh ? 1.0 : 1.0 - damp), mb = (T)(fresh ? 0.0 : mu);
-    const T rho = (T)it->rho, ck = (T)it->ck, lr = (T)it->lr, lr_rm = (T)(it->lr / it->rho_max);
+    const T lr = (T)it->lr, lr_rm = (T)(it->lr / it->cap);
     const T r = (T)it->r;
     const T big = (T)(sizeof(T) == 4 ? 3.4028234663852886e38 : 1.7976931348623157e308);
     T x[KG_SHORT][KG_W], g[KG_SHORT][KG_W], b[KG_SHORT][KG_W];
@@ -391,13 +386,7 @@ static void NAME(short_any)(const kg_item *it, double mu, double damp, int nest)
 #pragma omp simd
         for (int64_t w = 0; w < KG_W; ++w) {
             const T rn = SQRT(dd[w]);
-            T gam = 0;
-            if (rule == 1) {
-                T t = 2 * rho + rn, A = t * t, Bq = 1 + ck * (rho + rn);
-                gam = rn * rn * (A > Bq ? A : Bq);
-            } else if (rule == 2) {
-                gam = rn * lr_rm;
-            }
+            T gam = rule == 1 ? rn * lr_rm : 0;
             st[w] = lr / (gam > 1 ? gam : 1);
             dd[w] = rn;
         }
@@ -461,9 +450,8 @@ static inline __attribute__((always_inline)) int64_t NAME(short3_core)(
     const T ir2 = (T)(1.0 / (it->r * it->r)), tmu = (T)mu, r = (T)it->r;
     const T cu = (T)(it->fresh ? 1.0 : 1.0 - damp), mb = (T)(it->fresh ? 0.0 : mu);
     const T third = (T)(1.0 / 3.0);
-    const T rho = (T)it->rho, ck = (T)it->ck, lr = (T)it->lr;
-    const T lr_rm = (T)(it->lr / it->rho_max);
-    const T w1 = (T)(rule == 1), w2 = (T)(rule == 2);
+    const T lr = (T)it->lr;
+    const T lr_rm = (T)(it->lr / it->cap), w1 = (T)(rule == 1);
     const T big = (T)(sizeof(T) == 4 ? 3.4028234663852886e38 : 1.7976931348623157e308);
     int64_t nok = 0;
 #pragma omp simd reduction(+ : nok)
@@ -484,8 +472,7 @@ static inline __attribute__((always_inline)) int64_t NAME(short3_core)(
             db = d0 * b0 + d1 * b1 + d2 * b2;
         }
         T dd = d0 * d0 + d1 * d1 + d2 * d2, rn = SQRT(dd);
-        T t = 2 * rho + rn, A = t * t, Bq = 1 + ck * (rho + rn);
-        T gam = w1 * (rn * rn * (A > Bq ? A : Bq)) + w2 * (rn * lr_rm);
+        T gam = w1 * (rn * lr_rm);
         /* with gm1 = max(1, Gamma) the step is lr/gm1; y = x - (lr/gm1) d is computed as
          * z = gm1 y = gm1 x - lr d, so that x' = r z/|z| and the transport coefficient
          * (r/|y|)(lr/gm1)<d,B>/r^2 = lr (r/|z|) <d,B>/r^2 need one division, not three */

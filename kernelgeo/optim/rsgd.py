@@ -32,6 +32,7 @@ batched torch path and :mod:`kernelgeo.optim.native` for the fused CPU kernels.
 
 from __future__ import annotations
 
+import math
 import warnings
 
 import torch
@@ -41,8 +42,8 @@ from ..manifolds import KernelProduct, Stiefel
 from ..manifolds.stiefel import _qf
 from . import batched as bt
 from . import native as _native
-from .schedules import check_robbins_monro
-from .step_rules import RULES, rule_constants, step_sizes
+from .schedules import GuaranteeWarning, check_robbins_monro
+from .step_rules import RULES, check_rule_args, rule_constants, step_sizes
 
 __all__ = ["ConvergentRSGD", "NonFiniteGradientError"]
 
@@ -75,11 +76,16 @@ class ConvergentRSGD(RiemannianSGD):
         of :math:`\lambda_{wd}x` is zero, since these manifolds are (products of) spheres and
         orthonormal frames centred at the origin.
     step_rule : {"gsgd", "bounded", "none"}
-        Rule of :mod:`~kernelgeo.optim.step_rules` (per group).
-    rho : float, optional
-        Distance bound :math:`\rho` for ``"gsgd"`` (default: each component's diameter).
+        Rule of :mod:`~kernelgeo.optim.step_rules` (per group).  ``"gsgd"`` (default):
+        plain Riemannian SGD whose step length is clipped at ``max_step`` times the
+        convexity-radius bound :math:`\tfrac12\min(\mathrm{inj}, \pi/\sqrt{K_{\max}})` of
+        each component; ``"bounded"``: clipped at ``max_step`` times the injectivity
+        radius; ``"none"``: no clipping.
+    rho : None
+        No longer used (the former distance bound of ``"gsgd"``); anything but ``None``
+        raises ``ValueError``.
     max_step : float
-        Largest step as a fraction of the injectivity radius for ``"bounded"`` (0.5).
+        :math:`\theta\in(0,1)`, the cap as a fraction of the rule's reference radius (0.5).
     radius_scaling : kernelgeo.optim.scaling.StepScaling, optional
         Layer-wise multipliers :math:`m_\ell` of the step of each kernel.
     stabilize : int or None
@@ -99,9 +105,14 @@ class ConvergentRSGD(RiemannianSGD):
         min/mean :math:`g`, max step length and its ratio to the injectivity radius) as
         tensors, without synchronising.
     guarantee : bool
-        The user wants the convergence guarantee: warn (:class:`ScheduleWarning`) at the first
-        step unless a Robbins–Monro schedule was registered with :meth:`set_schedule` (a
-        :class:`RobbinsMonroLR` registers itself).
+        The user wants the convergence guarantee (``docs/optimization.rst``): at the first
+        step, warn with a :class:`~kernelgeo.optim.ScheduleWarning` unless a
+        Robbins–Monro schedule was registered with :meth:`set_schedule` (a
+        :class:`RobbinsMonroLR` registers itself; register a ``LambdaLR`` yourself), and with
+        a :class:`~kernelgeo.optim.GuaranteeWarning` listing, per param group,
+        what else is outside the theorem (:meth:`guarantee_problems`: momentum, layer
+        multipliers from data statistics, parameters on non-kernelgeo manifolds).  All three
+        step rules are covered by the theorem.
     chunk_numel : int
         Size of the batched chunks of the fast path (see :mod:`~kernelgeo.optim.batched`).
     native : bool or None
@@ -150,6 +161,7 @@ class ConvergentRSGD(RiemannianSGD):
             raise ValueError("Nesterov momentum requires a momentum and zero dampening")
         if step_rule not in RULES:
             raise ValueError(f"unknown step_rule {step_rule!r}; use one of {RULES}")
+        check_rule_args(rho, max_step)
         if nonfinite not in ("raise", "skip"):
             raise ValueError(f"nonfinite must be 'raise' or 'skip', got {nonfinite!r}")
         if stabilize is not None and (int(stabilize) != stabilize or stabilize < 1):
@@ -175,6 +187,7 @@ class ConvergentRSGD(RiemannianSGD):
         self._plan_sig = None
         self._plan_native = None
         self._schedule_ok = None
+        self._guarantee_checked = False
         self._warned_foreign = False
         # skip RiemannianSGD.__init__ (fixed defaults); OptimMixin -> Optimizer
         super(RiemannianSGD, self).__init__(params, defaults, stabilize=stabilize)
@@ -184,7 +197,7 @@ class ConvergentRSGD(RiemannianSGD):
     #: defaults, state and groups); plans and caches are rebuilt on the next step
     _PICKLED = ("nonfinite", "batched", "log_stats", "guarantee", "chunk_numel",
                 "radius_scaling", "skipped_steps", "native", "_schedule_ok",
-                "_warned_foreign", "_stabilize")
+                "_guarantee_checked", "_warned_foreign", "_stabilize")
 
     def __getstate__(self):
         st = super().__getstate__()
@@ -200,8 +213,10 @@ class ConvergentRSGD(RiemannianSGD):
         rule = param_group.get("step_rule", self.defaults["step_rule"])
         if rule not in RULES:
             raise ValueError(f"unknown step_rule {rule!r}; use one of {RULES}")
+        check_rule_args(param_group.get("rho"), param_group.get("max_step", 0.5))
         super().add_param_group(param_group)
         self._plan = None
+        self._guarantee_checked = False  # the new group is checked at the next step
 
     def load_state_dict(self, state_dict):
         super().load_state_dict(state_dict)
@@ -211,6 +226,38 @@ class ConvergentRSGD(RiemannianSGD):
         """Register the LR scheduler used; checks the Robbins–Monro conditions (warns)."""
         self._schedule_ok = check_robbins_monro(scheduler, warn=self.guarantee)
         return self._schedule_ok
+
+    def guarantee_problems(self) -> list[str]:
+        """What in this configuration is outside the convergence theorem of
+        ``docs/optimization.rst`` (besides the schedule, see :meth:`set_schedule`), one
+        string per problem and param group; empty when nothing is."""
+        out = []
+        for i, group in enumerate(self.param_groups):
+            if group["momentum"]:
+                kind = "Nesterov momentum" if group["nesterov"] else "momentum"
+                out.append(f"param group {i}: {kind} {group['momentum']} (the theorem covers "
+                           "momentum=0: the step direction must be the stochastic gradient)")
+            if group["step_rule"] not in RULES:  # pragma: no cover - rejected when added
+                out.append(f"param group {i}: step rule {group['step_rule']!r}")
+            foreign = [self._name(group, j) for j, p in enumerate(group["params"])
+                       if bt.classify(p)[0] == "foreign"]
+            if foreign:
+                out.append(f"param group {i}: {', '.join(foreign)} on a manifold that is not "
+                           "a kernelgeo kernel manifold (no step rule, compactness unknown)")
+        if self.radius_scaling is not None and getattr(self.radius_scaling, "data", False):
+            out.append("radius_scaling uses data statistics: the layer multipliers change "
+                       "with every batch (use StepScaling(data=False) for constant ones)")
+        return out
+
+    def _check_guarantee(self) -> None:
+        if self._schedule_ok is None:
+            self._schedule_ok = check_robbins_monro(None)  # no scheduler registered
+        if not self._guarantee_checked:
+            self._guarantee_checked = True
+            problems = self.guarantee_problems()
+            if problems:
+                warnings.warn("the configuration is outside the convergence theorem: "
+                              + "; ".join(problems), GuaranteeWarning, stacklevel=3)
 
     def _name(self, group, i) -> str:
         names = group.get("param_names")
@@ -231,8 +278,8 @@ class ConvergentRSGD(RiemannianSGD):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
-        if self.guarantee and self._schedule_ok is None:
-            self._schedule_ok = check_robbins_monro(None)  # no scheduler registered
+        if self.guarantee:
+            self._check_guarantee()
         with torch.no_grad():
             if self.radius_scaling is not None:
                 self.radius_scaling.refresh()
@@ -502,8 +549,8 @@ class ConvergentRSGD(RiemannianSGD):
                     it.b = None if nm.buf is None else nm.buf.data_ptr()
                     it.nblk, it.a, it.s = nm.nblk, nm.a, nm.s
                     it.center, it.r = int(nm.layout.center), float(nm.layout.r)
-                    it.rho, it.ck, it.rho_max = c.rho, c.c_kappa, c.rho_max
-                    it.rule = 0 if c.flat or c.rule == "none" else (1 if c.rule == "gsgd" else 2)
+                    it.rule = int(math.isfinite(c.cap))  # 0: g = lr, 1: capped at c.cap
+                    it.cap = c.cap if it.rule else 1.0
                 # like torch's own CPU kernels, use its threads for large steps (one part per
                 # thread, at least NATIVE_GRAIN entries each; kernels are never split)
                 numel = sum(nm.nblk * nm.a * nm.s for nm in mems)

@@ -3,70 +3,84 @@ r"""Step-size rules :math:`g_k(t) = \lambda(t)/\max(1, \Gamma_k(t))` per compone
 Every constrained kernel is a product of *components* (rows of a sphere/oblique layout, Stiefel
 blocks, ...).  For component :math:`k` with update direction :math:`d_k` (the Riemannian
 stochastic gradient, or the momentum direction when momentum is on) of norm
-:math:`R_k = \|d_k\|_{x_k}`, the step is :math:`x_k \leftarrow R_{x_k}(-g_k d_k)`.
+:math:`R_k = \|d_k\|_{x_k}`, the step is :math:`x_k \leftarrow R_{x_k}(-g_k d_k)`; its
+*length* (the norm of the tangent vector handed to the retraction, an upper bound of the
+geodesic distance travelled by the projection retractions used here) is
+:math:`\ell_k = g_k R_k`.
 
 Rules
 -----
+``"gsgd"`` (default)
+    Geometry-aware cap of the step length:
+
+    .. math::
+
+        \Gamma_k = \frac{\lambda R_k}{c_k},\qquad
+        c_k = \theta\, r_{c,k},\qquad
+        r_{c,k} = \tfrac12 \min\Big(\mathrm{inj}_k,\ \frac{\pi}{\sqrt{K_{\max,k}}}\Big),
+
+    with :math:`\theta` = ``max_step`` :math:`\in(0,1)` (default 0.5), :math:`\mathrm{inj}_k`
+    the injectivity radius and :math:`K_{\max,k}` the largest sectional curvature of the
+    component (:math:`\pi/\sqrt{K_{\max}} = \infty` when :math:`K_{\max}\le 0`).
+    :math:`r_c` is the classical lower bound of the convexity radius.  So
+    :math:`\ell_k = \min(\lambda R_k,\ c_k)`: plain Riemannian SGD while the step is
+    shorter than :math:`c_k`, clipped to :math:`c_k` otherwise.  On a sphere of radius
+    :math:`r`, :math:`c = \theta\pi r/2` (45° at :math:`\theta=1/2`).
+``"bounded"``
+    The same clip with the cap :math:`c_k = \theta\,\mathrm{inj}_k` (kept with this meaning
+    from earlier versions; on a sphere twice the ``"gsgd"`` cap).
 ``"none"``
     :math:`\Gamma_k = 0`: plain Riemannian SGD, :math:`g_k = \lambda`.
-``"gsgd"``
-    :math:`\Gamma_k = R_k^2\,\max\{(2\rho_k + R_k)^2,\ 1 + c_{\kappa}(\rho_k + R_k)\}` with
-    :math:`\rho_k` a bound on the distance from the iterates to a minimiser (by default the
-    component's diameter, or ``min(rho, diameter)``) and :math:`c_\kappa` the curvature
-    constant of Zhang & Sra (2016, Lemma 5):
-    :math:`\zeta(\kappa, D) = \sqrt{|\kappa|}D/\tanh(\sqrt{|\kappa|}D)` for a lower curvature bound
-    :math:`\kappa<0` (with :math:`D=\rho_k`) and 1 for :math:`\kappa\ge 0`.  This is the
-    geometry-aware rule of the G-SGD family as stated in the issue; the exact formula of Ozay
-    & Okatani is not available offline, so this is **our reconstruction**, not the paper's
-    formula.  Its effect is a smooth clipping: below :math:`\Gamma=1` the step is
-    :math:`\lambda`, above it decays like :math:`R^{-4}`.  Bound used in the tests: the step
-    length satisfies :math:`g_k R_k \le \lambda/(2\rho_k)` (if :math:`\Gamma_k\ge 1` then
-    :math:`R_k(2\rho_k+R_k)\ge 1`, so :math:`g_kR_k\le\lambda/(R_k(2\rho_k+R_k)^2)\le
-    \lambda/(2\rho_k)`; otherwise :math:`R_k<1/(2\rho_k)` and :math:`g_kR_k=\lambda R_k`).
-``"bounded"``
-    :math:`\Gamma_k = \lambda R_k/\rho_{\max,k}` with :math:`\rho_{\max,k} = \theta\,
-    \mathrm{inj}_k`, :math:`\theta\in(0,1)` (``max_step``, default 0.5): the step length is
-    :math:`g_kR_k = \min(\lambda R_k, \rho_{\max,k}) < \mathrm{inj}_k` for **every**
-    :math:`\lambda`.  (The issue writes :math:`\Gamma = R/\rho_{\max}`, which caps the step at
-    :math:`\lambda\rho_{\max}` and guarantees the bound only for :math:`\lambda\le 1`; we
-    measure :math:`R` as the length :math:`\lambda R` of the unclipped step so that the
-    guarantee holds for any schedule.)  Because :math:`d_k` is the actual direction
-    (momentum included), the bound is on the step actually taken.
 
-What the guarantee assumes (Bonnabel 2013, Thm. 1–2; Zhang & Sra 2016): a compact (or
-bounded, with :math:`\rho` bounding the iterates) manifold, a :math:`C^2` cost with bounded
-stochastic Riemannian gradients, steps :math:`\lambda(t)` with :math:`\sum\lambda=\infty`,
-:math:`\sum\lambda^2<\infty` (see :mod:`kernelgeo.optim.schedules`), and geodesic steps below
-the injectivity radius.  All kernel manifolds here are compact.  Flat components (Euclidean
-blocks, infinite diameter) always use :math:`g_k=\lambda` (Robbins–Monro SGD).
+Properties (tested): :math:`\ell_k\le c_k` for every :math:`\lambda` and gradient scale;
+:math:`\Gamma_k` compares two lengths, so rescaling the loss by :math:`s>0` rescales small
+steps by exactly :math:`s`; :math:`g_k = \lambda\,\min(1, c_k/(\lambda R_k))` and, with
+:math:`R_k\le G` and :math:`\lambda\le\lambda_0`,
+:math:`\min(1, c_k/(\lambda_0 G))\le g_k/\lambda\le 1`, with :math:`g_k=\lambda` as soon as
+:math:`\lambda(t)G\le c_k`, i.e. after finitely many steps of a decreasing schedule.  See
+``docs/optimization.rst`` for the convergence statement and proof.
+
+Flat components (Euclidean blocks, infinite injectivity radius) always use
+:math:`g_k=\lambda` (Robbins–Monro SGD).
 """
 
 from __future__ import annotations
 
 import math
+import numbers
 from dataclasses import dataclass
 
 import torch
 
-__all__ = ["RULES", "RuleConstants", "rule_constants", "zeta", "step_sizes"]
+__all__ = ["RULES", "RuleConstants", "check_rule_args", "convexity_radius", "rule_constants",
+           "step_sizes"]
 
 RULES = ("gsgd", "bounded", "none")
 
 
-def zeta(kappa: float, d: float) -> float:
-    r"""Zhang & Sra's curvature constant :math:`\zeta(\kappa, D)` (1 for :math:`\kappa\ge0`).
+def convexity_radius(inj: float, k_max: float) -> float:
+    r"""Lower bound :math:`\tfrac12\min(\mathrm{inj}, \pi/\sqrt{K_{\max}})` of the convexity radius.
 
     Parameters
     ----------
-    kappa : float
-        Lower bound of the sectional curvature.
-    d : float
-        Diameter bound :math:`D`.
+    inj : float
+        Injectivity radius (``inf`` for flat factors).
+    k_max : float
+        Upper bound of the sectional curvature (:math:`\le 0`: no curvature limit).
     """
-    if kappa >= 0 or d == 0:
-        return 1.0
-    a = math.sqrt(-kappa) * d
-    return a / math.tanh(a)
+    conj = math.pi / math.sqrt(k_max) if k_max > 0 else math.inf
+    return 0.5 * min(inj, conj)
+
+
+def check_rule_args(rho, max_step) -> None:
+    """Raise ``ValueError`` for a ``rho`` other than None or ``max_step`` outside (0, 1)."""
+    if rho is not None:
+        raise ValueError(
+            f"rho={rho!r}: the step rules no longer use a distance bound (the 'gsgd' cap is "
+            "set by the injectivity radius and the curvature of each component); remove rho, "
+            "and use max_step to change the cap")
+    if not (isinstance(max_step, numbers.Real) and 0 < max_step < 1):
+        raise ValueError(f"max_step must be a number in (0, 1), got {max_step!r}")
 
 
 @dataclass(frozen=True)
@@ -74,16 +88,14 @@ class RuleConstants:
     """Per-component constants of a step rule (equal for all components of a batch key)."""
 
     rule: str
-    rho: float  # distance bound rho_k (gsgd)
-    c_kappa: float  # curvature constant (gsgd)
-    rho_max: float  # largest step length (bounded)
+    cap: float  # largest step length c_k (inf: no cap)
     inj: float  # injectivity radius (for logging)
     flat: bool  # Euclidean component: g = lambda
 
 
 def rule_constants(rule: str, manifold, shape, *, rho: float | None = None,
                    max_step: float = 0.5) -> RuleConstants:
-    """Constants of ``rule`` for one component of a kernel of ``shape`` on ``manifold``.
+    r"""Constants of ``rule`` for one component of a kernel of ``shape`` on ``manifold``.
 
     Parameters
     ----------
@@ -92,28 +104,30 @@ def rule_constants(rule: str, manifold, shape, *, rho: float | None = None,
         A non-product kernel manifold (a block of a product).
     shape : tuple of int
         Shape of the (sub-)kernel.
-    rho : float, optional
-        User distance bound; the diameter is used when it is larger or not given.
+    rho : None
+        Must be ``None``: the former distance bound of ``"gsgd"`` is no longer used (the cap
+        depends on the geometry only; see ``docs/optimization.rst``).
     max_step : float
-        Fraction :math:`\\theta\\in(0,1)` of the injectivity radius for ``"bounded"``.
+        Fraction :math:`\theta\in(0,1)` of the reference radius (convexity radius bound for
+        ``"gsgd"``, injectivity radius for ``"bounded"``).
     """
     if rule not in RULES:
         raise ValueError(f"unknown step_rule {rule!r}; use one of {RULES}")
-    if not 0 < max_step < 1:
-        raise ValueError(f"max_step must be in (0, 1), got {max_step!r}")
-    diam = float(manifold.diameter(shape))
+    check_rule_args(rho, max_step)
     inj = float(manifold.injectivity_radius(shape))
-    flat = not math.isfinite(diam)
-    r = diam if rho is None else min(float(rho), diam)
-    if not flat and not r > 0:
-        raise ValueError(f"rho must be positive, got {rho!r}")
-    kmin = float(manifold.curvature_bounds(shape)[0])
-    return RuleConstants(rule=rule, rho=r, c_kappa=zeta(kmin, r), rho_max=max_step * inj,
-                         inj=inj, flat=flat)
+    flat = not math.isfinite(inj)
+    if flat or rule == "none":
+        cap = math.inf
+    elif rule == "gsgd":
+        cap = max_step * convexity_radius(inj, float(manifold.curvature_bounds(shape)[1]))
+    else:  # bounded
+        cap = max_step * inj
+    return RuleConstants(rule=rule, cap=cap, inj=inj, flat=flat)
 
 
 def step_sizes(lr, rnorm: torch.Tensor, c: RuleConstants) -> torch.Tensor:
-    r"""Per-component step sizes :math:`g_k = \lambda/\max(1,\Gamma_k)`.
+    r"""Per-component step sizes :math:`g_k = \lambda/\max(1,\Gamma_k)`, :math:`\Gamma_k =
+    \lambda R_k/c_k`.
 
     Parameters
     ----------
@@ -128,12 +142,7 @@ def step_sizes(lr, rnorm: torch.Tensor, c: RuleConstants) -> torch.Tensor:
     -------
     Tensor, shape (B,)
     """
-    if c.flat or c.rule == "none":
+    if not math.isfinite(c.cap):
         return torch.ones_like(rnorm) * lr
-    if c.rule == "gsgd":
-        a = (2.0 * c.rho + rnorm).square()
-        b = 1.0 + c.c_kappa * (c.rho + rnorm)
-        gamma = rnorm.square() * torch.maximum(a, b)
-    else:  # bounded
-        gamma = rnorm * (lr / c.rho_max)
+    gamma = rnorm * (lr / c.cap)
     return lr / gamma.clamp_min(1.0)
