@@ -87,6 +87,42 @@ class KernelManifold(Manifold):
         the effective learning rate of the layer by :math:`1/r^2` in angle per step.
     radius_scale : {None, "fan_in"}
         Optionally multiply the radius by :math:`\sqrt{\text{fan-in}}` of the layer.
+
+    Notes
+    -----
+    **geoopt's Manifold contract.**  Kept: every public method of
+    :class:`geoopt.manifolds.Manifold` with its signature and meaning; ``egrad2rgrad`` is
+    ``proju`` (embedded metric); ``inner``, ``norm``, ``dist`` and ``dist2`` reduce over the
+    whole kernel and ``keepdim=True`` keeps every dim as 1; :meth:`component_inner` is the
+    inner product of each component (sphere row, oblique column or slice, Stiefel block)
+    broadcast to the kernel's shape, the second moment of
+    :class:`geoopt.optim.RiemannianAdam`; :meth:`random`, :meth:`random_uniform` and
+    :meth:`origin` return a :class:`geoopt.ManifoldTensor` whose ``.manifold`` is this
+    manifold; ``check_point*`` and ``check_vector*`` check the kernel shape (a ``ValueError``
+    naming the reason) and the constraint; :class:`geoopt.Scaled` wraps a kernel manifold
+    like any other.  Deliberately different:
+
+    * *No batch dimensions.*  Every dim of a tensor belongs to the kernel (``(out, in, *k)``
+      or a linear ``(out, in)``), so a tensor with a leading batch dim is a different,
+      larger kernel and geoopt's broadcasting over leading dims does not apply; :attr:`ndim`
+      is the smallest rank accepted.
+    * ``reversible = False``: the retractions (row normalisation, QR, polar) followed by the
+      projection transport are not undone by stepping back along the transported vector
+      (as for geoopt's own Sphere and Stiefel); :class:`~kernelgeo.manifolds.Euclidean` is
+      reversible.
+    * :meth:`projx` of a point already on the manifold returns it up to rounding (about
+      ``1e-16`` relative in float64, ``1e-7`` in float32), so re-projecting is not expected
+      to move it.
+    * :meth:`transp` is the projection transport (Absil et al. 8.1.3), not parallel
+      transport (spheres offer :meth:`~kernelgeo.manifolds.RowSphere.parallel_transp`).
+    * ``logmap``, ``dist`` and ``dist2`` raise :class:`NotImplementedError` where a geometry
+      has no closed form, as geoopt's Stiefel does.
+    * :meth:`origin` has no distinguished point: it is :meth:`random` from a private
+      generator seeded with ``seed`` (the zero kernel on ``euclidean``).
+    * :meth:`random` also takes a ``generator``.
+    * Two kernel manifolds compare by identity (``nn.Module`` semantics, as in geoopt), so
+      ``ManifoldParameter(m.random(shape), manifold=m2)`` with another instance ``m2`` raises
+      geoopt's "Manifolds do not match"; pass the same instance or omit ``manifold``.
     """
 
     name = "kernel"

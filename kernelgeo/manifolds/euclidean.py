@@ -28,6 +28,8 @@ class Euclidean(KernelManifold):
     """
 
     name = "euclidean"
+    #: retr(x, u) = x + u and the identity transport: stepping back along -u returns exactly
+    reversible = True
     min_rank = 1
 
     def to_batch(self, x):

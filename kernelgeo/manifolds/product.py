@@ -251,4 +251,5 @@ class KernelProduct(KernelManifold):
         return max(2, *(c.ndim for c in self.components))
 
     def extra_repr(self):
-        return f"partition={self.partition!r}, grid={self.grid}"
+        comps = ", ".join(f"{c.name}({c.extra_repr()})" for c in self.components)
+        return f"partition={self.partition!r}, grid={self.grid}, components=[{comps}]"
