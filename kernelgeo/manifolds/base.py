@@ -110,9 +110,9 @@ class KernelManifold(Manifold):
       projection transport are not undone by stepping back along the transported vector
       (as for geoopt's own Sphere and Stiefel); :class:`~kernelgeo.manifolds.Euclidean` is
       reversible.
-    * :meth:`projx` of a point already on the manifold returns it up to rounding (about
-      ``1e-16`` relative in float64, ``1e-7`` in float32), so re-projecting is not expected
-      to move it.
+    * :meth:`projx` of a point already on the manifold returns it up to rounding (entries
+      move by at most about ``1e-15`` times the radius in float64 and ``3e-7`` in float32),
+      so geoopt's assumption that re-projecting a point changes it does not hold.
     * :meth:`transp` is the projection transport (Absil et al. 8.1.3), not parallel
       transport (spheres offer :meth:`~kernelgeo.manifolds.RowSphere.parallel_transp`).
     * ``logmap``, ``dist`` and ``dist2`` raise :class:`NotImplementedError` where a geometry
