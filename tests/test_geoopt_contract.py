@@ -621,10 +621,13 @@ def test_products_follow_their_blocks(spec, shape, opt, gen):
         torch.testing.assert_close(xk[idx], xb, atol=1e-9, rtol=1e-9)
 
 
-@pytest.mark.parametrize("spec,shape", [*PRODUCTS, ("stiefel-slice", (3, 4, 3, 2)),
-                                        ("oblique-slice", (5, 3, 3, 3))])
-def test_products_and_slices_converge_with_riemannian_adam(spec, shape):
-    m = get_manifold(spec)
+@pytest.mark.parametrize("spec,shape", [
+    *PRODUCTS, ("stiefel-slice", (3, 4, 3, 2)), ("oblique-slice", (5, 3, 3, 3)),
+    ("stiefel-polar", (10, 5, 2, 2)), ("stiefel-slice-polar", (3, 4, 2, 3)),
+    ("stiefel-g2", (6, 3, 1, 1))])
+def test_other_geometries_converge_with_riemannian_adam(spec, shape):
+    """The geometries without a geoopt counterpart (products, polar retraction, slices)."""
+    m = MANIFOLDS[spec][0]() if spec in MANIFOLDS else get_manifold(spec)
     torch.manual_seed(42)
     w0, target = torch.randn(shape), m.projx(torch.randn(shape))
     tk, xk = _run(m, w0, target, geoopt.optim.RiemannianAdam, dict(lr=1, amsgrad=True), 1000,
