@@ -276,6 +276,8 @@ class KernelManifold(Manifold):
         return True, None
 
     def _check_vector_on_tangent(self, x, u, *, atol=1e-5, rtol=1e-5):
+        if u.shape != x.shape:  # no broadcasting: every dim belongs to the kernel
+            return False, f"`u` has shape {tuple(u.shape)}, the point {tuple(x.shape)}"
         r = self.radius_of(x.shape)
         err = float(self._btangent_error(self.to_batch(x), self.to_batch(u), r).max())
         tol = atol + rtol * float(u.detach().abs().max().clamp_min(1.0))

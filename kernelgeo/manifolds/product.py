@@ -201,6 +201,8 @@ class KernelProduct(KernelManifold):
         return True, None
 
     def _check_vector_on_tangent(self, x, u, *, atol=1e-5, rtol=1e-5):
+        if u.shape != x.shape:
+            return False, f"`u` has shape {tuple(u.shape)}, the point {tuple(x.shape)}"
         for m, idx in self.blocks(x.shape):
             ok, why = m._check_vector_on_tangent(x[idx], u[idx], atol=atol, rtol=rtol)
             if not ok:
