@@ -299,8 +299,8 @@ def one_thread():
 
 def test_reprojection_keeps_float32_constraint_over_1e4_steps(gen, one_thread):
     specs = (("sphere", (16, 8)), ("stiefel", (4, 12)), ("oblique", (4, 2, 3, 3)))
-    ps = [geoopt.ManifoldParameter(get_manifold(s).random(shape, generator=gen),
-                                   manifold=get_manifold(s)) for s, shape in specs]
+    ps = [geoopt.ManifoldParameter(get_manifold(s).random(shape, generator=gen))
+          for s, shape in specs]
     opt = ConvergentRSGD(ps, lr=0.05, momentum=0.9, step_rule="none", stabilize=100)
     grads = torch.randn(10, sum(p.numel() for p in ps), generator=gen)
     for t in range(10_000):

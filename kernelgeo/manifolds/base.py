@@ -19,7 +19,7 @@ from collections.abc import Sequence
 
 import torch
 
-from .._compat import Manifold
+from .._compat import Manifold, ManifoldTensor
 
 __all__ = ["KernelManifold", "KernelShapeError", "radius_for_shape"]
 
@@ -28,6 +28,13 @@ def _safe_sqrt(t: torch.Tensor) -> torch.Tensor:
     """``sqrt`` whose gradient at 0 is 0 instead of NaN (distances at coincident points)."""
     pos = t > 0
     return torch.where(pos, t.clamp_min(torch.finfo(t.dtype).tiny).sqrt(), 0.0)
+
+
+def _size(size) -> tuple[int, ...]:
+    """``(8, 4, 3, 3)`` from ``random(8, 4, 3, 3)`` or ``random((8, 4, 3, 3))``."""
+    if len(size) == 1 and isinstance(size[0], (tuple, list, torch.Size)):
+        size = size[0]
+    return tuple(int(s) for s in size)
 
 
 class KernelShapeError(ValueError):
@@ -80,13 +87,55 @@ class KernelManifold(Manifold):
         the effective learning rate of the layer by :math:`1/r^2` in angle per step.
     radius_scale : {None, "fan_in"}
         Optionally multiply the radius by :math:`\sqrt{\text{fan-in}}` of the layer.
+
+    Notes
+    -----
+    **geoopt's Manifold contract.**  Kept: every public method of
+    :class:`geoopt.manifolds.Manifold` with its signature and meaning; ``egrad2rgrad`` is
+    ``proju`` (embedded metric); ``inner``, ``norm``, ``dist`` and ``dist2`` reduce over the
+    whole kernel and ``keepdim=True`` keeps every dim as 1; :meth:`component_inner` is the
+    inner product of each component (sphere row, oblique column or slice, Stiefel block)
+    broadcast to the kernel's shape, the second moment of
+    :class:`geoopt.optim.RiemannianAdam`; :meth:`random`, :meth:`random_uniform` and
+    :meth:`origin` return a :class:`geoopt.ManifoldTensor` whose ``.manifold`` is this
+    manifold; ``check_point*`` and ``check_vector*`` check the kernel shape (a ``ValueError``
+    naming the reason) and the constraint; :class:`geoopt.Scaled` wraps a kernel manifold
+    like any other.  Deliberately different:
+
+    * *No batch dimensions.*  Every dim of a tensor belongs to the kernel (``(out, in, *k)``
+      or a linear ``(out, in)``), so a tensor with a leading batch dim is a different,
+      larger kernel and geoopt's broadcasting over leading dims does not apply; :attr:`ndim`
+      is the smallest rank accepted.
+    * ``reversible = False``: the retractions (row normalisation, QR, polar) followed by the
+      projection transport are not undone by stepping back along the transported vector
+      (as for geoopt's own Sphere and Stiefel); :class:`~kernelgeo.manifolds.Euclidean` is
+      reversible.
+    * :meth:`projx` of a point already on the manifold returns it up to rounding (entries
+      move by at most about ``1e-15`` times the radius in float64 and ``3e-7`` in float32),
+      so geoopt's assumption that re-projecting a point changes it does not hold.
+    * :meth:`transp` is the projection transport (Absil et al. 8.1.3), not parallel
+      transport (spheres offer :meth:`~kernelgeo.manifolds.RowSphere.parallel_transp`).
+    * ``logmap``, ``dist`` and ``dist2`` raise :class:`NotImplementedError` where a geometry
+      has no closed form, as geoopt's Stiefel does.
+    * :meth:`origin` has no distinguished point: it is :meth:`random` from a private
+      generator seeded with ``seed`` (the zero kernel on ``euclidean``).
+    * :meth:`random` also takes a ``generator``.
+    * Two kernel manifolds compare by identity (``nn.Module`` semantics, as in geoopt), so
+      ``ManifoldParameter(m.random(shape), manifold=m2)`` with another instance ``m2`` raises
+      geoopt's "Manifolds do not match"; pass the same instance or omit ``manifold``.
     """
 
     name = "kernel"
-    ndim = 1
+    #: geoopt's ``retr_transp`` round trip is not an identity for these retractions
     reversible = False
     #: smallest tensor rank accepted (a conv weight has at least 3 dims, a linear weight 2)
     min_rank = 2
+
+    @property
+    def ndim(self) -> int:
+        """geoopt's number of trailing dims that form one point: every dim of a kernel does,
+        so this is the smallest rank accepted (:attr:`min_rank`)."""
+        return self.min_rank
 
     def __init__(self, radius: float = 1.0, radius_scale: str | None = None):
         super().__init__()
@@ -227,6 +276,8 @@ class KernelManifold(Manifold):
         return True, None
 
     def _check_vector_on_tangent(self, x, u, *, atol=1e-5, rtol=1e-5):
+        if u.shape != x.shape:  # no broadcasting: every dim belongs to the kernel
+            return False, f"`u` has shape {tuple(u.shape)}, the point {tuple(x.shape)}"
         r = self.radius_of(x.shape)
         err = float(self._btangent_error(self.to_batch(x), self.to_batch(u), r).max())
         tol = atol + rtol * float(u.detach().abs().max().clamp_min(1.0))
@@ -261,10 +312,37 @@ class KernelManifold(Manifold):
         val = (u * v).sum()
         return val.reshape((1,) * x.dim()) if keepdim else val
 
-    def component_inner(self, x, u, v=None):
+    def component_inner(self, x: torch.Tensor, u: torch.Tensor,
+                        v: torch.Tensor | None = None) -> torch.Tensor:
+        r"""Inner product of each component, broadcast over the component's entries.
+
+        geoopt's per-component inner product (``inner(x, u, v, keepdim=True)`` of each factor
+        of a product), the second moment :class:`geoopt.optim.RiemannianAdam` adapts its step
+        size to: entry :math:`i` of the result is :math:`\langle u_k, v_k\rangle_{x_k}` of the
+        component :math:`k` holding entry :math:`i` (a sphere row, an oblique column, a
+        Stiefel block, ...).  A step scaled by it stays in the tangent space of every
+        component; an elementwise second moment would rescale the entries of one component
+        differently and leave it.
+
+        Parameters
+        ----------
+        x : torch.Tensor
+            Point, kernel shape ``(out, in, *k)``.
+        u, v : torch.Tensor
+            Tangent vectors at ``x``, same shape (``v`` defaults to ``u``).
+
+        Returns
+        -------
+        torch.Tensor
+            Shape of ``x``, constant on every component.
+        """
         if v is None:
             v = u
-        return u * v
+        shape = x.shape
+        xb, ub, vb = self.to_batch(x), self.to_batch(u), self.to_batch(v)
+        val = self._binner(xb, ub, vb)
+        val = val.reshape(val.shape + (1,) * (ub.dim() - 1)).expand(ub.shape)
+        return self.from_batch(val, shape).contiguous()
 
     def norm(self, x: torch.Tensor, u: torch.Tensor, *, keepdim: bool = False) -> torch.Tensor:
         return self.inner(x, u, keepdim=keepdim).clamp_min(0).sqrt()
@@ -320,18 +398,55 @@ class KernelManifold(Manifold):
     def transp_follow_expmap(self, x, u, v):
         return self.expmap_transp(x, u, v)[1]
 
-    def random(self, *size, dtype=None, device=None, generator=None) -> torch.Tensor:
-        """Random point (uniform for spheres and Stiefel) of shape ``size``."""
-        if len(size) == 1 and isinstance(size[0], (tuple, list, torch.Size)):
-            size = tuple(size[0])
+    def random(self, *size, dtype=None, device=None, generator=None) -> ManifoldTensor:
+        """Random point of shape ``size`` (uniform for spheres, oblique and Stiefel).
+
+        Parameters
+        ----------
+        *size : int or tuple of int
+            Kernel shape, as ``random(8, 4, 3, 3)`` or ``random((8, 4, 3, 3))``.
+        dtype, device : optional
+            Of the result (default dtype: torch's default).
+        generator : torch.Generator, optional
+            Source of the random numbers (default: torch's global generator).
+
+        Returns
+        -------
+        geoopt.ManifoldTensor
+            On this manifold (``.manifold is self``).
+
+        Raises
+        ------
+        KernelShapeError
+            (a ``ValueError``) if a kernel of this shape cannot hold the manifold.
+        """
+        size = _size(size)
         self.check_kernel_shape(size)
         dtype = dtype or torch.get_default_dtype()
         meta = self.to_batch(torch.empty(size, device="meta"))
         b = self._brandom(tuple(meta.shape), self.radius_of(size), dtype=dtype, device=device,
                           generator=generator)
-        return self.from_batch(b, size)
+        return ManifoldTensor(self.from_batch(b, size), manifold=self)
 
-    random_uniform = random
+    def random_uniform(self, *size, dtype=None, device=None, generator=None) -> ManifoldTensor:
+        """Uniformly distributed random point (normalised Riemannian volume); see :meth:`random`."""
+        return self.random(*size, dtype=dtype, device=device, generator=generator)
+
+    def origin(self, *size, dtype=None, device=None, seed: int | None = 42) -> ManifoldTensor:
+        """A fixed point of shape ``size``: :meth:`random` drawn from a generator seeded with
+        ``seed`` (a fresh random point for ``seed=None``).
+
+        Unlike geoopt's default, which reseeds torch's global generator and restores its CPU
+        state afterwards, a private :class:`torch.Generator` is used, so no global random
+        state (CUDA's included) is touched.  The kernel manifolds have no distinguished point
+        that would fit every layout (geoopt's Stiefel origin, the identity block, is not a
+        conv kernel of orthonormal filters in general).
+        """
+        if seed is None:
+            return self.random(*size, dtype=dtype, device=device)
+        gen = torch.Generator(device=device if device is not None else "cpu")
+        gen.manual_seed(seed)
+        return self.random(*size, dtype=dtype, device=device, generator=gen)
 
     def random_tangent(self, x: torch.Tensor, generator=None) -> torch.Tensor:
         """Gaussian vector projected onto :math:`T_x\\mathcal{M}`."""

@@ -51,6 +51,8 @@ class Oblique(RowSphere):
     finite set of points, and :meth:`check_kernel_shape` rejects it.
     """
 
+    min_rank = 3
+
     def __init__(self, per: str = "column", radius: float = 1.0, radius_scale=None):
         if per not in ("column", "slice"):
             raise ValueError(f"Oblique per must be 'column' or 'slice', got {per!r}")

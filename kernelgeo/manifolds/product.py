@@ -21,7 +21,9 @@ from collections.abc import Sequence
 
 import torch
 
-from .base import KernelManifold, KernelShapeError
+from .._compat import ManifoldTensor
+from .base import KernelManifold, KernelShapeError, _size
+from .euclidean import Euclidean
 
 __all__ = ["KernelProduct"]
 
@@ -199,23 +201,57 @@ class KernelProduct(KernelManifold):
         return True, None
 
     def _check_vector_on_tangent(self, x, u, *, atol=1e-5, rtol=1e-5):
+        if u.shape != x.shape:
+            return False, f"`u` has shape {tuple(u.shape)}, the point {tuple(x.shape)}"
         for m, idx in self.blocks(x.shape):
             ok, why = m._check_vector_on_tangent(x[idx], u[idx], atol=atol, rtol=rtol)
             if not ok:
                 return False, f"block {idx}: {why}"
         return True, None
 
-    def random(self, *size, dtype=None, device=None, generator=None):
-        if len(size) == 1 and isinstance(size[0], (tuple, list, torch.Size)):
-            size = tuple(size[0])
+    def component_inner(self, x, u, v=None):
+        """Each block's :meth:`~KernelManifold.component_inner`, shape of ``x``."""
+        if v is None:
+            v = u
+        return self._map(lambda m, a, b, c: m.component_inner(a, b, c), x, u, v)
+
+    def _sample(self, method, size, dtype, device, **kw):
+        size = _size(size)
         self.check_kernel_shape(size)
         out = torch.empty(size, dtype=dtype or torch.get_default_dtype(), device=device)
         for m, idx in self.blocks(size):
-            out[idx] = m.random(self._sub(size, idx), dtype=out.dtype, device=device,
-                                generator=generator)
-        return out
+            out[idx] = getattr(m, method)(self._sub(size, idx), dtype=out.dtype, device=device,
+                                          **kw)
+        return ManifoldTensor(out, manifold=self)
 
-    random_uniform = random
+    def random(self, *size, dtype=None, device=None, generator=None):
+        """Each block's :meth:`~KernelManifold.random`, as one :class:`geoopt.ManifoldTensor`."""
+        return self._sample("random", size, dtype, device, generator=generator)
+
+    def random_uniform(self, *size, dtype=None, device=None, generator=None):
+        """Each block's ``random_uniform`` (a block on ``euclidean`` has none and raises)."""
+        return self._sample("random_uniform", size, dtype, device, generator=generator)
+
+    def origin(self, *size, dtype=None, device=None, seed=42):
+        """Each block's :meth:`~KernelManifold.origin`, from one private generator seeded with
+        ``seed`` (fresh random blocks for ``seed=None``; zeros on ``euclidean`` blocks)."""
+        if seed is None:
+            return self.random(*size, dtype=dtype, device=device)
+        size = _size(size)
+        gen = torch.Generator(device=device if device is not None else "cpu")
+        gen.manual_seed(seed)
+        self.check_kernel_shape(size)
+        out = torch.empty(size, dtype=dtype or torch.get_default_dtype(), device=device)
+        for m, idx in self.blocks(size):
+            sub = self._sub(size, idx)
+            out[idx] = (m.origin(sub, dtype=out.dtype, device=device) if isinstance(m, Euclidean)
+                        else m.random(sub, dtype=out.dtype, device=device, generator=gen))
+        return ManifoldTensor(out, manifold=self)
+
+    @property
+    def ndim(self):
+        return max(2, *(c.ndim for c in self.components))
 
     def extra_repr(self):
-        return f"partition={self.partition!r}, grid={self.grid}"
+        comps = ", ".join(f"{c.name}({c.extra_repr()})" for c in self.components)
+        return f"partition={self.partition!r}, grid={self.grid}, components=[{comps}]"
