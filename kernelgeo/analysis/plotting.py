@@ -74,7 +74,7 @@ def _plain_log_ticks(ax) -> None:
     def minor(v, _):
         lo, hi = ax.get_ylim()
         # within about a decade every minor tick needs its number, else 2 and 5 suffice
-        few = lo > 0 and hi / lo < 15
+        few = lo > 0 and hi / lo < 8
         return f"{v:g}" if v > 0 and (few or f"{v:.0e}"[0] in "25") else ""
 
     ax.yaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
@@ -347,8 +347,9 @@ def plot_slices(slices: Mapping[str, object], path: str | Path, *, title: str = 
             ax.xaxis.set_tick_params(labelbottom=True)
     axes.flat[0].legend(loc="upper right", fontsize=7, framealpha=0.7)
     q = f"{100 * vmax_quantile:g}th percentile" if vmax_quantile < 1 else "maximum"
+    # values above the cap are drawn in the top colour
     fig.colorbar(cm.ScalarMappable(norm=norm, cmap="viridis"), ax=axes, shrink=0.85,
-                 label=(f"log10 {value}" if log else value) + f" (clipped at {q})")
+                 label=(f"log10 {value}" if log else value) + f", capped at the {q}")
     if title:
         fig.suptitle(title, fontsize=11)
     return _save(fig, path)
@@ -375,7 +376,7 @@ def plot_curves_1d(curves: Mapping[str, Mapping[str, np.ndarray]], path: str | P
         ax.grid(alpha=0.3)
     ax1.set_yscale("log")
     _plain_log_ticks(ax1)
-    ax1.set_ylabel(f"{value} (log scale)")
+    ax1.set_ylabel(f"{value}, log scale")
     ax2.set_ylabel("accuracy (%)")
     from matplotlib.lines import Line2D
 
@@ -392,8 +393,8 @@ def plot_bars(values: Mapping[str, Sequence[float]], labels: Sequence[str], path
               *, ylabel: str = "", title: str = "", log: bool = False) -> Path:
     """Grouped bars: one group per entry of ``labels`` (layers), one bar per key (geometry)."""
     plt = _plt()
-    fig, ax = plt.subplots(figsize=(max(5.0, 1.2 * len(labels) * max(1, len(values)) / 3), 3.6),
-                           layout="constrained")
+    fig, ax = plt.subplots(figsize=(max(5.0, 1.2 * len(labels) * max(1, len(values)) / 3)
+                                    + 1.5, 3.6), layout="constrained")
     w = 0.8 / max(1, len(values))
     x = np.arange(len(labels))
     for k, (name, ys) in enumerate(values.items()):
@@ -402,8 +403,10 @@ def plot_bars(values: Mapping[str, Sequence[float]], labels: Sequence[str], path
     ax.set_xticklabels(labels, rotation=20, fontsize=7)
     if log:
         ax.set_yscale("log")
+        _plain_log_ticks(ax)
     ax.set_ylabel(ylabel)
-    ax.legend(fontsize=7)
+    # outside the axes: bars reach any height, a legend inside would hide some
+    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0), borderaxespad=0)
     if title:
         ax.set_title(title)
     return _save(fig, path)
