@@ -522,10 +522,10 @@ def _load_shared_npz(name: str, data_dir) -> ImageData:
                      label=label, source=str(path))
 
 
-def _load_folder(spec: str, image_size: int | None, stream: bool | None):
+def _load_folder(spec: str, image_size: int | None, stream: bool | None, split_seed: int):
     from .folder import STREAM_THRESHOLD, FolderData
 
-    fd = FolderData(spec.split(":", 1)[1], image_size, name=spec)
+    fd = FolderData(spec.split(":", 1)[1], image_size, name=spec, stats_seed=split_seed)
     if stream is None:
         stream = fd.n_train + fd.n_test > STREAM_THRESHOLD
     return fd if stream else fd.to_memory()
@@ -543,7 +543,7 @@ def _load_cached(name: str, data_dir: str | None, download: bool, split_seed: in
     if name in ("cifar10", "cifar100"):
         return _load_tv_cifar(name, data_dir, download)
     if name.lower().startswith("folder:"):
-        return _load_folder(name, image_size, stream)
+        return _load_folder(name, image_size, stream, split_seed)
     raise ValueError(f"unknown dataset {name!r}")  # pragma: no cover - checked before
 
 
@@ -562,7 +562,8 @@ def load_dataset(name: str, data_dir: str | os.PathLike | None = None, *,
     download : bool
         Fetch torchvision data sets (cifar10, cifar100, mnist, fashion-mnist) if missing.
     split_seed : int
-        Seed of the fixed train/test split (``digits``) and of subset selection.
+        Seed of the fixed train/test split (``digits``), of subset selection and of the
+        sample of a streamed folder's training images that the statistics come from.
     train_subset, test_subset : int, optional
         Keep a stratified subset of this many images.
     image_size : int, optional

@@ -12,7 +12,8 @@ Geometry. Every image goes through the same deterministic transform: resize the 
 ``min(H, W)`` of the target size (antialiased, aspect ratio kept), then centre-crop to
 ``(H, W)``.  The target is ``(image_size, image_size)`` when ``image_size`` is given; otherwise
 the native size shared by the images of the statistics sample (different sizes there raise and
-ask for ``image_size``).
+ask for ``image_size``; an image of another size outside the sample is brought to it by the same
+resize and crop, zero-padded where it is smaller).
 
 In memory or streamed. :func:`kernelgeo.data.load_dataset` decodes a tree of at most
 :data:`STREAM_THRESHOLD` image files (train + test) into an :class:`~kernelgeo.data.ImageData`

@@ -157,6 +157,12 @@ def test_determinism_independent_of_workers_and_seeded(tmp_path):
     b = _batches(make_loader(fd, "train", 4, seed=5, workers=2, **kw))
     c = _batches(make_loader(fd, "train", 4, seed=6, workers=0, **kw))
     assert _same(a, b) and not _same(a, c)
+    # persistent workers across epochs, one of them abandoned after a batch
+    seqs = []
+    for w in (0, 2):
+        ld = make_loader(fd, "train", 4, seed=5, workers=w, **kw)
+        seqs.append([_batches(ld, 1), _batches(ld), _batches(ld)])
+    assert all(_same(u, v) for u, v in zip(*seqs))
     # the caller's global RNG stream is untouched by the per-sample seeding
     torch.manual_seed(0)
     r0 = torch.rand(3)
