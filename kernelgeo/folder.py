@@ -62,14 +62,29 @@ from torchvision.transforms import v2
 
 from .data import DataNotFoundError, ImageData, _stratified_indices, channel_stats
 
-__all__ = ["FolderData", "FolderLoader", "ImageDecodeError", "decode_rgb", "STREAM_THRESHOLD",
-           "STATS_SAMPLE"]
+__all__ = ["FolderData", "FolderLoader", "ImageDecodeError", "SkippedFilesWarning", "decode_rgb",
+           "STREAM_THRESHOLD", "STATS_SAMPLE"]
 
 #: image files (train + test) up to which ``load_dataset`` decodes a folder into memory
 STREAM_THRESHOLD = 20_000
 #: training images whose pixels estimate the normalisation statistics of a streamed folder
 STATS_SAMPLE = 1024
 _MASK64 = (1 << 64) - 1
+
+
+class SkippedFilesWarning(UserWarning):
+    """Files of an image folder were skipped (not images, or hidden)."""
+
+
+def _outside_stacklevel() -> int:
+    """``stacklevel`` of the first caller outside this package, for warnings to point at."""
+    import sys
+
+    pkg = os.path.dirname(os.path.abspath(__file__))
+    f, level = sys._getframe(1), 1
+    while f is not None and os.path.abspath(f.f_code.co_filename).startswith(pkg + os.sep):
+        f, level = f.f_back, level + 1
+    return level
 
 
 class ImageDecodeError(ValueError):
@@ -249,7 +264,8 @@ class FolderData:
                                         f"{' '.join(IMG_EXTENSIONS)})")
         if skipped:
             warnings.warn(f"{root}: skipped {len(skipped)} non-image or hidden file(s), e.g. "
-                          f"{os.path.relpath(skipped[0], root)}", stacklevel=2)
+                          f"{os.path.relpath(skipped[0], root)}", SkippedFilesWarning,
+                          stacklevel=_outside_stacklevel())
         self.root, self.classes = root, classes
         self.name = name or f"folder:{root}"
         self.label = f"ImageFolder {root.name}"
