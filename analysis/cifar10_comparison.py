@@ -36,6 +36,7 @@ REPO = Path(__file__).resolve().parent.parent
 if str(REPO) not in sys.path:  # runnable from a checkout without installing
     sys.path.insert(0, str(REPO))
 
+from kernelgeo.analysis.plotting import plot_error_curves, seed_runs  # noqa: E402
 from kernelgeo.compare import run_compare  # noqa: E402
 from kernelgeo.data import DataNotFoundError, load_dataset  # noqa: E402
 from kernelgeo.train import TrainConfig, check_geometry  # noqa: E402
@@ -126,6 +127,10 @@ def main(argv=None) -> int:
     report = write_report(out, summaries, args.geometries, base, dataset_label=DATA_LABEL,
                           title="ResNet-20 kernel geometries", command=command,
                           notes=notes)
+    # error over epochs: mean over seeds with their min-max band and n, log axis when the
+    # errors span a decade (replaces the seed-mean-only error.png of the report)
+    plot_error_curves(seed_runs(summaries, args.geometries), out / "error.png",
+                      title="ResNet-20 kernel geometries", dataset=DATA_LABEL)
     print(f"\n{report.read_text().split('## Settings')[0]}\nreport: {report} "
           f"({time.perf_counter() - t0:.0f} s)")
     return 0

@@ -90,10 +90,15 @@ def main(argv=None) -> int:
                          float(np.max(sm[spec].loss)), float(c["geodesic_loss"][mid]),
                          float(c["linear_loss"][mid]), sr, sE, time.perf_counter() - t0))
             print(f"{spec}: done in {rows[-1][-1]:.1f}s", flush=True)
-    plot_slices(se, out / "landscape_euclidean.png", title="Euclidean (Li et al.) slices")
-    plot_slices(sm, out / "landscape_manifold.png", title="Manifold-aware slices")
-    plot_curves_1d(curves, out / "seeds_1d.png",
-                   title=f"seed {a.seeds[0]} (t=0) to seed {a.seeds[1]} (t=1)")
+    value = f"training loss ({len(sy)} images)"
+    plot_slices(se, out / "landscape_euclidean.png", value=value,
+                title="Euclidean slices (Li et al. filter-normalised directions), "
+                      f"trained seed {a.seeds[0]}")
+    plot_slices(sm, out / "landscape_manifold.png", value=value,
+                title="Manifold-aware slices (tangent directions, exponential map), "
+                      f"trained seed {a.seeds[0]}")
+    plot_curves_1d(curves, out / "seeds_1d.png", value=value,
+                   title=f"trained seed {a.seeds[0]} (t=0) to trained seed {a.seeds[1]} (t=1)")
     md = ["# Landscapes", "",
           "| geometry | centre loss | max loss (Euclidean) | max loss (manifold) | "
           "midpoint loss (geodesic) | midpoint loss (linear) | sharpness (Riem.) | "

@@ -20,8 +20,14 @@ Data sets (:func:`available_datasets`):
 ``fashion-mnist``      Fashion-MNIST idx files: data directory, torchvision layout, or
                        Debian's ``dataset-fashion-mnist`` package (``dpkg -L``)
 ``folder:<path>``      an ``ImageFolder`` tree ``<path>/train/<class>/*`` and
-                       ``<path>/test/<class>/*`` (or ``val``)
+                       ``<path>/test/<class>/*`` (or ``val``): decoded into memory up to
+                       :data:`kernelgeo.folder.STREAM_THRESHOLD` image files, streamed
+                       (:class:`~kernelgeo.folder.FolderData`) beyond
 =====================  =============================================================
+
+:func:`make_loader` returns the batch loader of either kind of data set: a
+:class:`TensorLoader` for an :class:`ImageData`, a :class:`~kernelgeo.folder.FolderLoader`
+(DataLoader worker processes, :mod:`torchvision.transforms.v2`) for a ``FolderData``.
 
 Files are searched for in, in order: the explicit ``data_dir``, the environment variable
 ``KERNELGEO_DATA``, ``../shared/data`` relative to the working directory and relative to the
@@ -55,7 +61,7 @@ __all__ = [
     "ImageData", "DataNotFoundError", "TensorLoader", "available_datasets", "load_dataset",
     "search_dirs", "find_file", "load_packed_jpeg", "load_decoded_npz", "read_idx", "write_idx",
     "load_digits", "augment_batch", "draw_augmentation", "channel_stats",
-    "check_dataset_name",
+    "check_dataset_name", "make_loader",
 ]
 
 _REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -147,6 +153,14 @@ class ImageData:
     @property
     def image_size(self) -> tuple[int, int]:
         return int(self.x_train.shape[2]), int(self.x_train.shape[3])
+
+    @property
+    def n_train(self) -> int:
+        return int(self.y_train.shape[0])
+
+    @property
+    def n_test(self) -> int:
+        return int(self.y_test.shape[0])
 
     def subset(self, n_train: int | None = None, n_test: int | None = None,
                seed: int = 0) -> ImageData:
@@ -508,49 +522,18 @@ def _load_shared_npz(name: str, data_dir) -> ImageData:
                      label=label, source=str(path))
 
 
-def _load_folder(spec: str, image_size: int | None) -> ImageData:
-    from torchvision.io import ImageReadMode, decode_image
-    from torchvision.transforms.v2.functional import resize
+def _load_folder(spec: str, image_size: int | None, stream: bool | None, split_seed: int):
+    from .folder import STREAM_THRESHOLD, FolderData
 
-    root = Path(spec.split(":", 1)[1]).expanduser()
-    test_name = next((s for s in ("test", "val") if (root / s).is_dir()), None)
-    if not (root / "train").is_dir() or test_name is None:
-        raise DataNotFoundError(
-            f"ImageFolder data set {root}: expected directories {root / 'train'} and "
-            f"{root / 'test'} (or {root / 'val'}), each with one sub-directory per class")
-    classes = sorted(p.name for p in (root / "train").iterdir() if p.is_dir())
-    if not classes:
-        raise DataNotFoundError(f"{root / 'train'} has no class sub-directories")
-    cidx = {c: i for i, c in enumerate(classes)}
-    out = {}
-    for split, sub in (("train", "train"), ("test", test_name)):
-        xs, ys = [], []
-        for c in classes:
-            for f in sorted((root / sub / c).glob("*")) if (root / sub / c).is_dir() else []:
-                if not f.is_file():
-                    continue
-                with _quiet_tv_image():
-                    img = decode_image(str(f), mode=ImageReadMode.RGB)
-                if image_size is not None and tuple(img.shape[1:]) != (image_size, image_size):
-                    img = resize(img, [image_size, image_size], antialias=True)
-                xs.append(img)
-                ys.append(cidx[c])
-        if not xs:
-            raise DataNotFoundError(f"no images under {root / sub}")
-        shapes = {tuple(x.shape) for x in xs}
-        if len(shapes) > 1:
-            raise ValueError(f"{root / sub}: images have different sizes {sorted(shapes)[:3]}; "
-                             "pass image_size (CLI --image-size) to resize them")
-        out[f"x_{split}"] = torch.stack(xs)
-        out[f"y_{split}"] = torch.tensor(ys, dtype=torch.int64)
-    return ImageData(spec, out["x_train"], out["y_train"], out["x_test"], out["y_test"],
-                     len(classes), label=f"ImageFolder {root.name}", source=str(root),
-                     extra={"classes": classes})
+    fd = FolderData(spec.split(":", 1)[1], image_size, name=spec, stats_seed=split_seed)
+    if stream is None:
+        stream = fd.n_train + fd.n_test > STREAM_THRESHOLD
+    return fd if stream else fd.to_memory()
 
 
 @functools.lru_cache(maxsize=4)
 def _load_cached(name: str, data_dir: str | None, download: bool, split_seed: int,
-                 image_size: int | None) -> ImageData:
+                 image_size: int | None, stream: bool | None):
     if name == "digits":
         return load_digits(split_seed)
     if name in ("cifar10-jpeg", "cifar10-tiny"):
@@ -560,14 +543,15 @@ def _load_cached(name: str, data_dir: str | None, download: bool, split_seed: in
     if name in ("cifar10", "cifar100"):
         return _load_tv_cifar(name, data_dir, download)
     if name.lower().startswith("folder:"):
-        return _load_folder(name, image_size)
+        return _load_folder(name, image_size, stream, split_seed)
     raise ValueError(f"unknown dataset {name!r}")  # pragma: no cover - checked before
 
 
 def load_dataset(name: str, data_dir: str | os.PathLike | None = None, *,
                  download: bool = False, split_seed: int = 0, train_subset: int | None = None,
-                 test_subset: int | None = None, image_size: int | None = None) -> ImageData:
-    """Load a data set by name into memory (cached: a second call returns the same tensors).
+                 test_subset: int | None = None, image_size: int | None = None,
+                 stream: bool | None = None):
+    """Load a data set by name (cached: a second call returns the same object).
 
     Parameters
     ----------
@@ -578,15 +562,23 @@ def load_dataset(name: str, data_dir: str | os.PathLike | None = None, *,
     download : bool
         Fetch torchvision data sets (cifar10, cifar100, mnist, fashion-mnist) if missing.
     split_seed : int
-        Seed of the fixed train/test split (``digits``) and of subset selection.
+        Seed of the fixed train/test split (``digits``), of subset selection and of the
+        sample of a streamed folder's training images that the statistics come from.
     train_subset, test_subset : int, optional
         Keep a stratified subset of this many images.
     image_size : int, optional
-        Resize ImageFolder images to ``image_size`` x ``image_size``.
+        ImageFolder images: resize the shorter side to ``image_size`` (aspect ratio kept) and
+        centre-crop to ``image_size`` x ``image_size``.  Without it all images must share one
+        size.
+    stream : bool, optional
+        ImageFolder trees only: ``True`` streams from disk (:class:`FolderData`), ``False``
+        decodes into memory, ``None`` streams trees of more than
+        :data:`kernelgeo.folder.STREAM_THRESHOLD` image files.
 
     Returns
     -------
-    ImageData
+    ImageData or FolderData
+        Pass it to :func:`make_loader` for batches.
 
     Raises
     ------
@@ -594,10 +586,15 @@ def load_dataset(name: str, data_dir: str | os.PathLike | None = None, *,
         Unknown name (the message lists the valid names).
     DataNotFoundError
         Files missing (the message lists where they were looked for and how to get them).
+    ImageDecodeError
+        An ImageFolder image cannot be decoded (the message names the file); a streamed folder
+        raises it when the batch holding the file is loaded.
     """
     key = check_dataset_name(name)
+    if stream is not None and not key.lower().startswith("folder:"):
+        raise ValueError(f"stream= applies to folder:<path> data sets only, not {key!r}")
     d = _load_cached(key, str(data_dir) if data_dir else None, bool(download), int(split_seed),
-                     image_size)
+                     image_size, stream)
     if train_subset is not None or test_subset is not None:
         d = d.subset(train_subset, test_subset, seed=split_seed)
     return d
@@ -770,3 +767,53 @@ class TensorLoader:
                 idx = self._shard(idx)
                 xb = self.x[idx]
             yield self.normalize(xb), self.y[idx]
+
+
+def make_loader(data, split: str, batch_size: int, *, shuffle: bool = False,
+                drop_last: bool = False, crop_padding: int = 0, flip: bool = False,
+                seed: int = 0, device="cpu", rank: int = 0, world_size: int = 1,
+                dtype: torch.dtype = torch.float32, workers: int | None = None):
+    """The batch loader of one split of a data set.
+
+    Parameters
+    ----------
+    data : ImageData or FolderData
+        In memory (gives a :class:`TensorLoader`, ``workers`` unused) or a streamed image
+        folder (gives a :class:`~kernelgeo.folder.FolderLoader`).
+    split : {"train", "test"}
+    batch_size : int
+        Global batch size (over all ranks).
+    shuffle, drop_last, crop_padding, flip, seed, device, rank, world_size, dtype
+        As for :class:`TensorLoader`.
+    workers : int, optional
+        DataLoader worker processes of a streamed folder (``None``: a default from the CPU
+        count; ``0``: decode in this process).
+
+    Returns
+    -------
+    TensorLoader or FolderLoader
+        ``len()`` batches, ``num_samples``, ``state_dict()`` / ``load_state_dict()``,
+        iteration over normalised ``(x, y)`` batches of this rank on ``device``, and
+        ``normalize(uint8_batch)``.
+    """
+    if split not in ("train", "test"):
+        raise ValueError(f"split must be 'train' or 'test', got {split!r}")
+    kw = dict(shuffle=shuffle, drop_last=drop_last, crop_padding=crop_padding, flip=flip,
+              seed=seed, device=device, rank=rank, world_size=world_size, dtype=dtype)
+    if isinstance(data, ImageData):
+        return TensorLoader(getattr(data, f"x_{split}"), getattr(data, f"y_{split}"), batch_size,
+                            mean=data.mean, std=data.std, **kw)
+    from .folder import FolderData, FolderLoader
+
+    if isinstance(data, FolderData):
+        return FolderLoader(data, split, batch_size, workers=workers, **kw)
+    raise TypeError(f"make_loader needs an ImageData or FolderData, got {type(data).__name__}")
+
+
+def __getattr__(name: str):
+    # the folder module imports torchvision, which importing kernelgeo.data does not need
+    if name in ("FolderData", "FolderLoader", "ImageDecodeError"):
+        from . import folder
+
+        return getattr(folder, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
