@@ -62,6 +62,8 @@ __all__ = ["train", "evaluate", "CKPT_FORMAT"]
 #: ``format`` entry of training checkpoints
 CKPT_FORMAT = "kernelgeo-train-2"
 _AMP_DTYPES = {"none": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+#: initial loss scale of ``amp="fp16"`` (torch's default; halved on every overflow)
+FP16_INIT_SCALE = 2.0**16
 
 
 @dataclass
@@ -178,7 +180,8 @@ def _build(cfg: TrainConfig, data, ctx: kdist.DistContext) -> _Run:
     scheduler = build_scheduler(optimizer, cfg, steps_per_epoch * cfg.epochs, steps_per_epoch)
     if cfg.amp == "fp16" and device.type not in ("cuda", "cpu"):
         raise ConfigError(f"--amp fp16 is not supported on {device}")
-    scaler = torch.amp.GradScaler(device.type, enabled=cfg.amp == "fp16")
+    scaler = torch.amp.GradScaler(device.type, init_scale=FP16_INIT_SCALE,
+                                  enabled=cfg.amp == "fp16")
     cd = config_dict(cfg)
     cd["model"] = model_name
     return _Run(cfg, ctx, device, data, model_name, model, report, optimizer, scheduler, scaler,
@@ -344,7 +347,13 @@ def _train_epoch(run: _Run, model_t: nn.Module, epoch: int, step: int,
         scaler.update()
         if scaler.is_enabled() and scaler.get_scale() < scale:
             skipped += 1
-        run.scheduler.step()
+            with warnings.catch_warnings():
+                # a skipped step is no optimizer.step(): torch would warn that the scheduler
+                # steps first; the schedule follows the iteration count on purpose
+                warnings.filterwarnings("ignore", message="Detected call of `lr_scheduler")
+                run.scheduler.step()
+        else:
+            run.scheduler.step()
         step += 1
         with torch.no_grad():
             acc[0] += loss.detach().double() * len(yb)

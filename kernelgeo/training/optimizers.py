@@ -48,8 +48,10 @@ def _sgd(groups, cfg):
 
 
 def _rsgd(groups, cfg):
+    # step_rule None: the optimizer's own default
+    rule = {} if cfg.step_rule is None else {"step_rule": cfg.step_rule}
     return ConvergentRSGD(groups, lr=cfg.lr, momentum=cfg.momentum, nesterov=cfg.nesterov,
-                          step_rule=cfg.step_rule)
+                          **rule)
 
 
 def _geoopt(groups, cfg):
