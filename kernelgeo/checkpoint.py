@@ -53,6 +53,9 @@ class StorageError(OSError):
     """Writing a file failed (full disk, no permission...); ``errno`` is kept and the message
     says what in words and which file, e.g. ``no space left on device writing <path>``."""
 
+    def __str__(self) -> str:
+        return str(self.strerror)
+
 
 def _storage_error(err: OSError, path: Path, note: str = "") -> StorageError:
     reason = _REASONS.get(err.errno) or (err.strerror or str(err)).lower()

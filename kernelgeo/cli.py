@@ -91,7 +91,9 @@ def _field(name: str, convert=int):
         try:
             return check_field(name, v)
         except ConfigError as err:
-            raise argparse.ArgumentTypeError(str(err).split(" must ", 1)[-1]) from None
+            # "--lr must be a finite number > 0, got inf" -> argparse's "argument --lr: ..."
+            raise argparse.ArgumentTypeError(
+                "expected " + str(err).split(" must be ", 1)[-1]) from None
     return parse
 
 
