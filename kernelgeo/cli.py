@@ -398,8 +398,11 @@ def _rank() -> int:
 
 def _cmd_compare(args, argv) -> int:
     from .compare import run_compare
+    from .training import rundir
 
     out = _out_dir(args, "compare")
+    if not args.resume and not args.force:
+        rundir.check_out(out, what="comparison")
     res = run_compare(_config(args, quiet=True), args.geometries, args.seeds, out,
                       title=args.title, command=_command_line(argv),
                       log=(lambda *_: None) if args.quiet else print)

@@ -202,9 +202,11 @@ def run_compare(base: TrainConfig, geometries: Sequence[str | GeometrySpec], see
         Geometry specs (names, products or rule strings), each parsed once.
     seeds : sequence of int
     out : path
-        Output directory.  An existing non-empty one is refused unless ``base.resume``
-        (continue its runs) or ``base.force`` (move it aside first); see
-        :mod:`kernelgeo.training.rundir`.
+        Output directory.  Every run directory ``<out>/<geometry>/seed<k>`` that exists is
+        refused before anything is written, unless ``base.resume`` (continue those runs);
+        ``base.force`` moves a non-empty ``out`` aside first (see
+        :mod:`kernelgeo.training.rundir`).  The command line also refuses a non-empty
+        ``--out`` without ``--resume`` or ``--force``.
     title, notes : str
         Report heading and an optional notes section.
     command : str, optional
@@ -229,7 +231,12 @@ def run_compare(base: TrainConfig, geometries: Sequence[str | GeometrySpec], see
         raise ConfigError(f"geometries must be distinct, got {[str(s) for s in specs]}")
     validate(base)
     out = Path(out)
-    action = rundir.check_out(out, resume=base.resume, force=base.force, what="comparison")
+    action = rundir.check_out(out, force=base.force, what="comparison", container=True)
+    plan = [(spec, s, out / spec.slug() / f"seed{s}") for spec in specs for s in seeds]
+    if action != "move":
+        # every run directory is checked before anything is written
+        for _, _, run_dir in plan:
+            rundir.check_out(run_dir, resume=base.resume)
     command = command or shlex.join([Path(sys.argv[0]).name, *sys.argv[1:]])
     data = load_dataset(base.dataset, base.data_dir, download=base.download,
                         split_seed=base.split_seed, train_subset=base.train_subset,
@@ -239,19 +246,16 @@ def run_compare(base: TrainConfig, geometries: Sequence[str | GeometrySpec], see
         log(f"moved the previous contents of {out} to {moved} (--force)")
     summaries = []
     t0 = time.perf_counter()
-    for spec in specs:
-        g = str(spec)
-        for s in seeds:
-            run_dir = out / spec.slug() / f"seed{s}"
-            cfg = dataclasses.replace(base, geometry=spec, seed=s, out=str(run_dir),
-                                      force=False, command=command, extra=dict(base.extra))
-            t = time.perf_counter()
-            summ = train(cfg, data=data)
-            summ["out"] = str(run_dir)
-            summaries.append(summ)
-            log(f"  {g:<24s} seed {s}: final test error {100 * summ['final_test_error']:.2f}%"
-                f"  best {100 * summ['best_test_error']:.2f}%  "
-                f"({summ['time_per_epoch']:.2f} s/epoch, {time.perf_counter() - t:.1f} s)")
+    for spec, s, run_dir in plan:
+        cfg = dataclasses.replace(base, geometry=spec, seed=s, out=str(run_dir), force=False,
+                                  command=command, extra=dict(base.extra))
+        t = time.perf_counter()
+        summ = train(cfg, data=data)
+        summ["out"] = str(run_dir)
+        summaries.append(summ)
+        log(f"  {str(spec):<24s} seed {s}: final test error "
+            f"{100 * summ['final_test_error']:.2f}%  best {100 * summ['best_test_error']:.2f}%  "
+            f"({summ['time_per_epoch']:.2f} s/epoch, {time.perf_counter() - t:.1f} s)")
     names = [str(spec) for spec in specs]
     report = write_report(out, summaries, names, base, dataset_label=data.label,
                           title=title, command=command, notes=notes)

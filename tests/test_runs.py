@@ -388,20 +388,27 @@ def test_default_output_folders(tmp_path, monkeypatch, capsys):
     assert len(list((tmp_path / "runs/train").iterdir())) == 2
 
 
-def test_compare_refuses_existing_output_and_force_moves_it(tmp_path):
+def test_compare_refuses_existing_runs_and_force_moves_them(tmp_path, capsys):
     from kernelgeo.compare import run_compare
 
     out = tmp_path / "cmp"
     run_compare(_cfg(max_steps=2), ["euclidean"], [0], out, log=lambda *_: None)
     before = _snapshot(out)
-    with pytest.raises(ConfigError, match="already holds a comparison"):
-        run_compare(_cfg(max_steps=2), ["sphere"], [0], out, log=lambda *_: None)
+    with pytest.raises(ConfigError, match=r"euclidean/seed0 already holds a run"):
+        run_compare(_cfg(max_steps=2), ["sphere", "euclidean"], [0], out, log=lambda *_: None)
     assert _snapshot(out) == before
+    # the command line refuses any non-empty --out
+    with pytest.raises(SystemExit) as ei:
+        main(["compare", "--geometries", "sphere", "--out", str(out), "--quiet"])
+    assert ei.value.code == 2 and "already holds a comparison" in capsys.readouterr().err
+    assert _snapshot(out) == before
+    # other geometries may be added to a comparison (runs are kept apart by directory)
+    run_compare(_cfg(max_steps=2), ["sphere"], [0], out, log=lambda *_: None)
+    assert (out / "sphere/seed0/summary.json").is_file() and (out / "euclidean").is_dir()
     res = run_compare(_cfg(max_steps=2, force=True), ["sphere"], [0], out,
                       log=lambda *_: None)
-    assert res["rows"][0]["geometry"] == "sphere"
+    assert res["rows"][0]["geometry"] == "sphere" and not (out / "euclidean").exists()
     assert any(p.name.startswith("cmp.old-") for p in tmp_path.iterdir())
     with pytest.raises(ConfigError, match="geometries must be distinct"):
         run_compare(_cfg(), ["sphere", " sphere"], [0], tmp_path / "x")
     assert not (tmp_path / "x").exists()
-

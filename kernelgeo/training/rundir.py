@@ -72,7 +72,7 @@ def _nearest_existing(path: Path) -> Path:
 
 
 def check_out(out: str | os.PathLike, *, resume: bool = False, force: bool = False,
-              what: str = "run") -> str:
+              what: str = "run", container: bool = False) -> str:
     """Decide what a command may do with its output directory, without changing anything.
 
     Parameters
@@ -84,6 +84,9 @@ def check_out(out: str | os.PathLike, *, resume: bool = False, force: bool = Fal
         An existing run in ``out`` may be moved aside.
     what : str
         Word for the contents in messages (``"run"``, ``"comparison"``, ...).
+    container : bool
+        ``out`` holds other runs in subdirectories (a comparison), which are checked one by
+        one: existing contents are then kept unless ``force`` moves them aside.
 
     Returns
     -------
@@ -108,6 +111,8 @@ def check_out(out: str | os.PathLike, *, resume: bool = False, force: bool = Fal
         raise ConfigError(f"cannot write to --out {out}: permission denied on {anc}")
     if not out.exists():
         return "new"
+    if container:
+        return "move" if force and any(out.iterdir()) else "new"
     ckpt = out / CKPT_NAME
     if ckpt.exists() and not ckpt.is_file():
         raise ConfigError(f"{ckpt} is a directory, not a checkpoint file; remove or rename it")
