@@ -353,7 +353,7 @@ def _cmd_analyze(args, argv) -> int:
 
     _validate_analyze(args)
     out = _out_dir(args, "analyze")
-    action = rundir.check_out(out, force=args.force, what="report")
+    action = rundir.check_out(out, force=args.force, what="report", resumable=False)
     moved = rundir.prepare_out(out, action)
     if moved is not None:
         print(f"moved the previous contents of {out} to {moved} (--force)")
@@ -412,8 +412,11 @@ def _cmd_compare(args, argv) -> int:
 
 def _cmd_demo(args, argv) -> int:
     from .compare import DEMO_GEOMETRIES, run_demo
+    from .training import rundir
 
     out = _out_dir(args, "demo")
+    if not args.force:
+        rundir.check_out(out, what="demo", resumable=False)
     t = time.perf_counter()
     print(f"kernelgeo demo: {', '.join(DEMO_GEOMETRIES)} on UCI digits, {args.epochs} epochs, "
           f"seeds {args.seeds}")

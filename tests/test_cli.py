@@ -150,6 +150,10 @@ def test_bad_output_directories_exit_2(tmp_path, capsys):
     assert code == 2 and "give one of them" in err
     code, _, err = _run(["analyze", "--out", str(tmp_path), "--epochs", "0"], capsys)
     assert code == 2 and f.read_text() == "x"
+    for cmd in ("analyze", "demo"):
+        code, _, err = _run([cmd, "--out", str(tmp_path)], capsys)
+        assert code == 2 and "already holds a" in err and "--resume" not in err
+        assert "--force" in err and f.read_text() == "x"
 
 
 @pytest.mark.skipif(hasattr(os, "geteuid") and os.geteuid() == 0,
@@ -202,3 +206,11 @@ def test_geometry_is_parsed_once(tmp_path, monkeypatch):
     assert main(["train", "--geometry", "layer1.*=sphere,*=euclidean", "--epochs", "1",
                  "--max-steps", "1", "--quiet", "--out", str(tmp_path / "r")]) == 0
     assert calls["n"] == 1
+
+
+def test_analyze_writes_to_runs_analyze_name(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    assert main(["analyze", "--epochs", "1", "--points", "3", "--subset", "64",
+                 "--no-sharpness", "--geometries", "sphere", "--threads", "1",
+                 "--name", "a"]) == 0
+    assert (tmp_path / "runs/analyze/a/report.md").is_file()

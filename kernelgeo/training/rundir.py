@@ -72,7 +72,7 @@ def _nearest_existing(path: Path) -> Path:
 
 
 def check_out(out: str | os.PathLike, *, resume: bool = False, force: bool = False,
-              what: str = "run", container: bool = False) -> str:
+              what: str = "run", container: bool = False, resumable: bool = True) -> str:
     """Decide what a command may do with its output directory, without changing anything.
 
     Parameters
@@ -87,6 +87,8 @@ def check_out(out: str | os.PathLike, *, resume: bool = False, force: bool = Fal
     container : bool
         ``out`` holds other runs in subdirectories (a comparison), which are checked one by
         one: existing contents are then kept unless ``force`` moves them aside.
+    resumable : bool
+        Whether the command has ``--resume`` (only then is it suggested).
 
     Returns
     -------
@@ -132,8 +134,9 @@ def check_out(out: str | os.PathLike, *, resume: bool = False, force: bool = Fal
         return "move"
     raise ConfigError(
         f"--out {out} already holds a {what} ({', '.join(entries[:6])}"
-        f"{' ...' if len(entries) > 6 else ''}); continue it with --resume, move it aside "
-        "with --force, or choose another --out")
+        f"{' ...' if len(entries) > 6 else ''}); "
+        + ("continue it with --resume, " if resumable else "")
+        + "move it aside with --force, or choose another --out")
 
 
 def move_aside(out: str | os.PathLike) -> Path:
