@@ -31,8 +31,8 @@ from .rundir import default_out
 
 __all__ = ["TrainConfig", "train", "evaluate", "ConfigError", "validate", "build_optimizer",
            "build_scheduler", "OPTIMIZERS", "SCHEDULES", "STEP_RULES", "DEFAULT_STEP_RULE",
-           "AMP_MODES", "AUGMENTATIONS", "machine_info", "default_out", "parse_geometry",
-           "check_geometry", "geometry_slug", "GeometrySpec"]
+           "AMP_MODES", "AUGMENTATIONS", "machine_info", "default_out", "check_geometry",
+           "geometry_slug"]
 
 
 def check_geometry(spec: str) -> str:
