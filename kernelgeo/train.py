@@ -3,6 +3,7 @@
 ``from kernelgeo.train import TrainConfig, train, ConfigError, ...`` keeps working.
 """
 
+from .manifolds import GeometrySpec, parse_geometry  # noqa: F401
 from .training import (  # noqa: F401
     AMP_MODES,
     AUGMENTATIONS,
@@ -11,7 +12,6 @@ from .training import (  # noqa: F401
     SCHEDULES,
     STEP_RULES,
     ConfigError,
-    GeometrySpec,
     TrainConfig,
     build_optimizer,
     build_scheduler,
@@ -19,7 +19,6 @@ from .training import (  # noqa: F401
     evaluate,
     geometry_slug,
     machine_info,
-    parse_geometry,
     train,
     validate,
 )

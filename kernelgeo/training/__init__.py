@@ -12,7 +12,7 @@ Modules, in the order a run uses them:
 ==================  ==========================================================================
 """
 
-from ..manifolds import GeometrySpec, parse_geometry
+from ..manifolds import parse_geometry
 from .config import (
     AMP_MODES,
     AUGMENTATIONS,

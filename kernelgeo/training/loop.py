@@ -370,6 +370,29 @@ def _train_epoch(run: _Run, model_t: nn.Module, epoch: int, step: int,
     return step, acc, skipped, divergence
 
 
+def _epoch_row(run: _Run, model_t: nn.Module, epoch: int, step: int, acc: torch.Tensor,
+               skipped: int, t0: float) -> dict[str, Any]:
+    """The metrics of a finished epoch (test evaluation included); refuses a diverged run."""
+    train_time = time.perf_counter() - t0
+    kdist.all_reduce_sum(acc, run.ctx)
+    test_loss, test_err = evaluate(model_t, run.test_loader, run.ctx, run.amp_dtype)
+    row = {
+        "epoch": epoch + 1, "step": step, "lr": run.optimizer.param_groups[0]["lr"],
+        "train_loss": float(acc[0] / acc[2]), "train_error": float(acc[1] / acc[2]),
+        "test_loss": test_loss, "test_error": test_err,
+        "constraint_error": float(constraint_error(run.model)),
+        "epoch_time": time.perf_counter() - t0,
+        "images_per_s": float(acc[2]) / max(train_time, 1e-9),
+        "amp_skipped_steps": skipped,
+    }
+    if not math.isfinite(row["train_loss"]):
+        raise FloatingPointError(
+            f"training diverged at epoch {epoch + 1} (train loss {row['train_loss']}); lower "
+            "--lr" + (f"; the last checkpoint in {run.out} is kept"
+                      if run.out is not None and run.cfg.checkpoint else ""))
+    return row
+
+
 def _train(run: _Run, state: dict | None) -> dict:
     cfg, ctx, device, model = run.cfg, run.ctx, run.device, run.model
     start_epoch, step, history = _restore(run, state) if state else (0, 0, [])
@@ -396,26 +419,11 @@ def _train(run: _Run, state: dict | None) -> dict:
     for epoch in range(start_epoch, cfg.epochs):
         t0 = time.perf_counter()
         step, acc, skipped, divergence = _train_epoch(run, model_t, epoch, step, divergence)
-        train_time = time.perf_counter() - t0
-        kdist.all_reduce_sum(acc, ctx)
-        test_loss, test_err = evaluate(model_t, run.test_loader, ctx, run.amp_dtype)
-        row = {
-            "epoch": epoch + 1, "step": step, "lr": run.optimizer.param_groups[0]["lr"],
-            "train_loss": float(acc[0] / acc[2]), "train_error": float(acc[1] / acc[2]),
-            "test_loss": test_loss, "test_error": test_err,
-            "constraint_error": float(constraint_error(model)),
-            "epoch_time": time.perf_counter() - t0,
-            "images_per_s": float(acc[2]) / max(train_time, 1e-9),
-            "amp_skipped_steps": skipped,
-        }
-        if not math.isfinite(row["train_loss"]):
-            raise FloatingPointError(
-                f"training diverged at epoch {epoch + 1} (train loss {row['train_loss']}); "
-                "lower --lr" + (f"; the last checkpoint in {run.out} is kept"
-                                if run.out is not None and cfg.checkpoint else ""))
+        row = _epoch_row(run, model_t, epoch, step, acc, skipped, t0)
         history.append(row)
         run.log(f"epoch {epoch + 1}/{cfg.epochs}  train loss {row['train_loss']:.4f} err "
-                f"{row['train_error']:.4f}  test loss {test_loss:.4f} err {test_err:.4f}  "
+                f"{row['train_error']:.4f}  test loss {row['test_loss']:.4f} err "
+                f"{row['test_error']:.4f}  "
                 f"constraint {row['constraint_error']:.2e}  {row['epoch_time']:.2f}s "
                 f"({row['images_per_s']:.0f} img/s)"
                 + (f"  {skipped} fp16 steps skipped (inf/NaN)" if skipped else ""))
