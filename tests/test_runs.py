@@ -412,3 +412,56 @@ def test_compare_refuses_existing_runs_and_force_moves_them(tmp_path, capsys):
     with pytest.raises(ConfigError, match="geometries must be distinct"):
         run_compare(_cfg(), ["sphere", " sphere"], [0], tmp_path / "x")
     assert not (tmp_path / "x").exists()
+
+
+def test_every_setting_outside_the_exempt_list_is_compared_on_resume():
+    import dataclasses
+
+    from kernelgeo.training.config import NOT_RESULT_FIELDS, config_dict, resume_differences
+
+    fields = {f.name for f in dataclasses.fields(TrainConfig)}
+    assert NOT_RESULT_FIELDS <= fields
+    old = config_dict(TrainConfig())
+    for name in fields - NOT_RESULT_FIELDS:
+        new = dict(old, **{name: ("changed", old[name])})
+        assert resume_differences(old, new) == [
+            f"{name}: checkpoint {old[name]!r} vs now {new[name]!r}"]
+    for name in NOT_RESULT_FIELDS:
+        assert resume_differences(old, dict(old, **{name: "changed"})) == []
+
+
+def test_optimizer_choices_match_the_factories():
+    from kernelgeo.training import OPTIMIZERS, optimizers
+
+    assert tuple(optimizers._FACTORIES) == OPTIMIZERS
+
+
+def test_loop_reads_data_only_through_make_loader(monkeypatch):
+    """The loop uses the attributes shared by in-memory and streaming data sets and builds
+    its loaders with make_loader only (never x_train/x_test)."""
+    from kernelgeo.data import load_dataset
+    from kernelgeo.training import loaders
+
+    shared = ("name", "num_classes", "mean", "std", "flip", "label", "source", "in_channels",
+              "image_size", "describe")
+
+    class Streaming:
+        def __init__(self, d):
+            self._d = d
+
+        def __getattr__(self, k):
+            if k in shared:
+                return getattr(self._d, k)
+            raise AttributeError(f"FolderData-like data has no {k!r}")
+
+    calls = []
+    real = loaders.make_loader
+
+    def spy(data, split, batch_size, **kw):
+        calls.append((split, batch_size, kw["shuffle"] if "shuffle" in kw else False))
+        return real(data._d, split, batch_size, **kw)
+
+    monkeypatch.setattr(loaders, "make_loader", spy)
+    s = train(_cfg(max_steps=2), data=Streaming(load_dataset("digits")))
+    assert s["history"][0]["step"] == 2
+    assert calls == [("train", 64, True), ("test", 500, False)]
