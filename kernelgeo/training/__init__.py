@@ -1,4 +1,4 @@
-"""Training package behind ``kernelgeo train`` (also importable as :mod:`kernelgeo.train`).
+"""Training package behind ``kernelgeo train`` (also importable as ``kernelgeo.train``).
 
 Modules, in the order a run uses them:
 
