@@ -180,7 +180,8 @@ def _add_common(p: argparse.ArgumentParser, *, defaults: dict | None = None) -> 
     g.add_argument("--rm-power", type=_field("rm_power", float), default=0.75,
                    help="Robbins-Monro decay power in (0.5, 1] (default: %(default)s)")
     g.add_argument("--epochs", type=_field("epochs"), default=d["epochs"],
-                   help="(default: %(default)s)")
+                   help="with --resume it may grow (extending a finished run) for the constant "
+                        "and robbins-monro schedules only (default: %(default)s)")
     g.add_argument("--batch-size", type=_field("batch_size"), default=d["batch_size"],
                    help="global batch size (default: %(default)s)")
     g.add_argument("--lr", type=_field("lr", float), default=d["lr"],

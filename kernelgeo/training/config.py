@@ -46,7 +46,7 @@ SPLIT_SEED_MAX = 2**32 - 1
 NOT_RESULT_FIELDS = frozenset({
     "epochs", "data_dir", "download", "device", "deterministic", "threads", "out", "resume",
     "force", "checkpoint", "stop_after", "max_steps", "sync_check_every", "broadcast_every",
-    "quiet", "progress", "print_freq", "command", "extra", "workers",
+    "quiet", "progress", "print_freq", "command", "extra",
 })
 
 
