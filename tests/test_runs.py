@@ -465,3 +465,38 @@ def test_loop_reads_data_only_through_make_loader(monkeypatch):
     s = train(_cfg(max_steps=2), data=Streaming(load_dataset("digits")))
     assert s["history"][0]["step"] == 2
     assert calls == [("train", 64, True), ("test", 500, False)]
+
+
+@pytest.mark.parametrize("spec,needle", [
+    ("po:2:sphere+stiefel+oblique+sphere", "4 components for 2 group(s)"),
+    ("pio:2x2:sphere+oblique+sphere+oblique+stiefel", "5 components for 4 group(s)"),
+    ("pi:1:sphere+stiefel", "2 components for 1 group(s)"),
+    ("po:0:sphere", "groups must be >= 1"),
+    ("po:2:3:sphere", "bad product spec"),
+    ("pio:2:sphere", "AxB for pio"),
+    ("po:sphere++stiefel", "empty component name"),
+    ("xx:sphere", "unknown manifold 'xx:sphere'"),
+    ("layer1.*=po:2:a+b", "rule #1"),
+])
+def test_geometry_grammar_refuses_extra_and_unknown_parts(spec, needle):
+    from kernelgeo.manifolds import GeometryError, parse_geometry
+
+    with pytest.raises(GeometryError) as ei:
+        parse_geometry(spec)
+    assert needle in str(ei.value) and spec in str(ei.value)
+
+
+def test_parsed_geometry_objects_are_the_ones_constrain_uses():
+    from kernelgeo import constrain
+    from kernelgeo.manifolds import parse_geometry
+    from kernelgeo.models import get_model
+
+    g = parse_geometry("layer1.*=po:2:sphere+stiefel, *=oblique")
+    assert g.is_rules and g.slug() == "layer1.--po-2-sphere+stiefel----oblique"
+    assert parse_geometry(g) is g
+    model = get_model("resnet-digits", 10, 1)
+    constrain(model, g.constrain_spec(), on_invalid="skip")
+    by_glob = {r.glob: r.manifold for r in g.rules}
+    assert model.layer1[0].conv1.weight.manifold is by_glob["layer1.*"]
+    ok = parse_geometry("pio:2x2:sphere+oblique+sphere+oblique")
+    assert len(ok.rules[0].manifold.components) == 4
