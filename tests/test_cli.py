@@ -6,18 +6,10 @@ import json
 import os
 import subprocess
 import sys
-import warnings
 
 import pytest
 
 from kernelgeo.cli import main
-
-
-@pytest.fixture(autouse=True)
-def _no_fallback_warning():
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message=".*ConvergentRSGD is not available")
-        yield
 
 
 def _run(argv, capsys):

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import math
-import warnings
 
 import pytest
 import torch
@@ -22,12 +21,6 @@ GEOMETRIES = ["euclidean", "sphere", "centered-sphere", "oblique", "oblique-slic
               "stiefel-slice", "po:sphere+stiefel", "layer1.*=sphere,layer2.*=stiefel"]
 TIME_KEYS = ("epoch_time", "images_per_s")
 
-
-@pytest.fixture(autouse=True)
-def _no_fallback_warning():
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message=".*ConvergentRSGD is not available")
-        yield
 
 
 def _cfg(**kw):
