@@ -500,3 +500,14 @@ def test_parsed_geometry_objects_are_the_ones_constrain_uses():
     assert model.layer1[0].conv1.weight.manifold is by_glob["layer1.*"]
     ok = parse_geometry("pio:2x2:sphere+oblique+sphere+oblique")
     assert len(ok.rules[0].manifold.components) == 4
+
+
+@pytest.mark.parametrize("schedule", ["step", "robbins-monro", "cosine"])
+def test_resume_is_exact_for_every_schedule(tmp_path, schedule):
+    kw = dict(schedule=schedule, epochs=2, train_subset=256, max_steps=None,
+              geometry="sphere", rm_t0=2.0)
+    full = train(_cfg(out=str(tmp_path / "full"), **kw))
+    train(_cfg(out=str(tmp_path / "part"), stop_after=1, **kw))
+    rest = train(_cfg(out=str(tmp_path / "part"), resume=True, **kw))
+    assert _strip(rest["history"]) == _strip(full["history"])
+    assert full["history"][1]["lr"] < full["history"][0]["lr"]  # the schedule acted
