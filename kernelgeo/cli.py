@@ -339,9 +339,15 @@ def _validate_analyze(args) -> None:
 def _out_dir(args, command: str, *, resume: bool = False) -> Path:
     """``--out`` or ``runs/<command>/<--name or time>``, checked (see
     :func:`kernelgeo.training.rundir.check_out`)."""
+    import os
+
     from .training import rundir
 
     if args.out is None:
+        if args.name is None and int(os.environ.get("WORLD_SIZE", "1")) > 1:
+            # a start-time name could differ between the ranks of a torchrun job
+            raise ConfigError("under torchrun give --out or --name, so that every rank "
+                              "writes to the same directory")
         args.out = str(rundir.default_out(command, args.name))
     elif args.name is not None:
         raise ConfigError("give --out or --name, not both")

@@ -206,3 +206,9 @@ def test_analyze_writes_to_runs_analyze_name(tmp_path, monkeypatch, capsys):
                  "--no-sharpness", "--geometries", "sphere", "--threads", "1",
                  "--name", "a"]) == 0
     assert (tmp_path / "runs/analyze/a/report.md").is_file()
+
+
+def test_torchrun_needs_an_explicit_output_name(monkeypatch, capsys):
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    code, _, err = _run(["train", "--epochs", "1"], capsys)
+    assert code == 2 and "give --out or --name" in err
