@@ -212,3 +212,10 @@ def test_torchrun_needs_an_explicit_output_name(monkeypatch, capsys):
     monkeypatch.setenv("WORLD_SIZE", "2")
     code, _, err = _run(["train", "--epochs", "1"], capsys)
     assert code == 2 and "give --out or --name" in err
+
+
+def test_diverging_run_exits_1_naming_layers(tmp_path, capsys):
+    code, _, err = _run(["train", "--lr", "1e30", "--epochs", "2", "--quiet",
+                         "--out", str(tmp_path / "r")], capsys)
+    assert code == 1 and "non-finite gradient" in err and "conv1.weight" in err
+    assert "Traceback" not in err
