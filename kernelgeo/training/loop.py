@@ -178,8 +178,6 @@ def _build(cfg: TrainConfig, data, ctx: kdist.DistContext) -> _Run:
     steps_per_epoch = len(train_loader)
     optimizer = build_optimizer(model, cfg)
     scheduler = build_scheduler(optimizer, cfg, steps_per_epoch * cfg.epochs, steps_per_epoch)
-    if cfg.amp == "fp16" and device.type not in ("cuda", "cpu"):
-        raise ConfigError(f"--amp fp16 is not supported on {device}")
     scaler = torch.amp.GradScaler(device.type, init_scale=FP16_INIT_SCALE,
                                   enabled=cfg.amp == "fp16")
     cd = config_dict(cfg)
