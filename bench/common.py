@@ -10,67 +10,27 @@ import time
 import torch
 from torch import nn
 
+from kernelgeo import constrain
 from kernelgeo._compat import geoopt
-from kernelgeo.manifolds import get_manifold
+from kernelgeo.models import get_model
 
-
-class _Block(nn.Module):
-    def __init__(self, cin, cout, stride):
-        super().__init__()
-        self.c1 = nn.Conv2d(cin, cout, 3, stride, 1, bias=False)
-        self.b1 = nn.BatchNorm2d(cout)
-        self.c2 = nn.Conv2d(cout, cout, 3, 1, 1, bias=False)
-        self.b2 = nn.BatchNorm2d(cout)
-        self.short = None
-        if stride != 1 or cin != cout:
-            self.short = nn.Sequential(nn.Conv2d(cin, cout, 1, stride, bias=False),
-                                       nn.BatchNorm2d(cout))
-
-    def forward(self, x):
-        y = torch.relu(self.b1(self.c1(x)))
-        y = self.b2(self.c2(y))
-        return torch.relu(y + (x if self.short is None else self.short(x)))
-
-
-def resnet20(num_classes: int = 10) -> nn.Module:
-    """CIFAR ResNet-20 (He et al. 2016, 3 stages x 3 blocks, 16/32/64 channels; 1x1
-    projection shortcuts)."""
-    layers = [nn.Conv2d(3, 16, 3, 1, 1, bias=False), nn.BatchNorm2d(16), nn.ReLU()]
-    cin = 16
-    for cout, stride in ((16, 1), (32, 2), (64, 2)):
-        for i in range(3):
-            layers.append(_Block(cin, cout, stride if i == 0 else 1))
-            cin = cout
-    layers += [nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(64, num_classes)]
-    return nn.Sequential(*layers)
+#: benchmark model name -> (kernelgeo.models name, classes): ResNet-20 with 1x1 projection
+#: shortcuts (option B) on CIFAR-10 and torchvision's ResNet-50 on ImageNet, as in RESULTS.md
+MODELS = {"resnet20": ("resnet20-b", 10), "resnet50": ("torchvision:resnet50", 1000)}
 
 
 def build_model(name: str) -> nn.Module:
-    if name == "resnet20":
-        return resnet20()
-    if name == "resnet50":
-        import torchvision
-
-        return torchvision.models.resnet50()
-    raise ValueError(name)
+    """A benchmark model by name (see :data:`MODELS`)."""
+    if name not in MODELS:
+        raise ValueError(f"unknown benchmark model {name!r}; valid: {', '.join(MODELS)}")
+    model_name, classes = MODELS[name]
+    return get_model(model_name, num_classes=classes, in_channels=3)
 
 
 def constrain_model(model: nn.Module, spec: str) -> nn.Module:
-    """Put every conv kernel that accepts ``spec`` on it (others stay Euclidean)."""
-    if spec == "euclidean":
-        return model
-    m = get_manifold(spec)
-    for mod in model.modules():
-        if isinstance(mod, nn.Conv2d):
-            try:
-                m.check_kernel_shape(tuple(mod.weight.shape))
-            except ValueError:
-                continue
-            with torch.no_grad():
-                # contiguous, as kernelgeo.constrain stores kernels (projx may return a
-                # transposed layout, e.g. for oblique and Stiefel kernels)
-                w = m.projx(mod.weight.detach()).contiguous()
-            mod.weight = geoopt.ManifoldParameter(w, manifold=m)
+    """Put every conv kernel that can hold ``spec`` on it (others stay Euclidean); returns
+    ``model`` (:func:`kernelgeo.constrain` with ``on_invalid="skip"``)."""
+    constrain(model, spec, on_invalid="skip")
     return model
 
 

@@ -3,7 +3,7 @@
 :func:`run_compare` trains the same model on the same data with the same schedule for every
 geometry x seed (the data are decoded once), then writes to the output directory::
 
-    <out>/<geometry>/seed<k>/...   each run's own files (see kernelgeo.train)
+    <out>/<geometry>/seed<k>/...   each run's own files (see kernelgeo.training.rundir)
     <out>/runs.csv                 one row per run
     <out>/results.csv              one row per geometry: mean +- std over seeds
     <out>/report.md                the table, settings, command, machine and date
@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import csv
 import dataclasses
-import json
 import shlex
 import sys
 import time
@@ -25,7 +24,8 @@ from typing import Any
 import numpy as np
 
 from .data import load_dataset
-from .train import TrainConfig, geometry_slug, machine_info, parse_geometry, train
+from .manifolds import GeometryError, GeometrySpec, parse_geometry
+from .training import ConfigError, TrainConfig, machine_info, rundir, train, validate
 
 __all__ = ["run_compare", "aggregate", "write_report", "plot_curves", "format_table",
            "DEMO_GEOMETRIES", "run_demo"]
@@ -188,7 +188,7 @@ def write_report(out: Path, summaries: Sequence[dict], geometries: Sequence[str]
     return report
 
 
-def run_compare(base: TrainConfig, geometries: Sequence[str], seeds: Sequence[int],
+def run_compare(base: TrainConfig, geometries: Sequence[str | GeometrySpec], seeds: Sequence[int],
                 out: str | Path, *, title: str = "Kernel geometry comparison",
                 notes: str = "", command: str | None = None,
                 log: Callable[[str], None] = print) -> dict[str, Any]:
@@ -198,11 +198,15 @@ def run_compare(base: TrainConfig, geometries: Sequence[str], seeds: Sequence[in
     ----------
     base : TrainConfig
         Settings shared by all runs (``geometry``, ``seed`` and ``out`` are overridden).
-    geometries : sequence of str
-        Geometry specs (names, products or rule strings).
+    geometries : sequence of str or GeometrySpec
+        Geometry specs (names, products or rule strings), each parsed once.
     seeds : sequence of int
     out : path
-        Output directory.
+        Output directory.  Every run directory ``<out>/<geometry>/seed<k>`` that exists is
+        refused before anything is written, unless ``base.resume`` (continue those runs);
+        ``base.force`` moves a non-empty ``out`` aside first (see
+        :mod:`kernelgeo.training.rundir`).  The command line also refuses a non-empty
+        ``--out`` without ``--resume`` or ``--force``.
     title, notes : str
         Report heading and an optional notes section.
     command : str, optional
@@ -216,42 +220,53 @@ def run_compare(base: TrainConfig, geometries: Sequence[str], seeds: Sequence[in
         ``report`` (path), ``rows`` (aggregated), ``summaries`` (per run), ``table`` (Markdown).
     """
     if not geometries or not seeds:
-        raise ValueError("need at least one geometry and one seed")
-    for g in geometries:
-        parse_geometry(g)
-    if len({geometry_slug(g) for g in geometries}) != len(geometries):
-        raise ValueError(f"geometries must be distinct, got {list(geometries)}")
+        raise ConfigError("need at least one geometry and one seed")
+    if len(set(seeds)) != len(seeds):
+        raise ConfigError(f"seeds must be distinct, got {list(seeds)}")
+    try:
+        specs = [parse_geometry(g) for g in geometries]
+    except GeometryError as err:
+        raise ConfigError(str(err)) from None
+    if len({s.slug() for s in specs}) != len(specs):
+        raise ConfigError(f"geometries must be distinct, got {[str(s) for s in specs]}")
+    validate(base)
     out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
+    action = rundir.check_out(out, force=base.force, what="comparison", container=True)
+    plan = [(spec, s, out / spec.slug() / f"seed{s}") for spec in specs for s in seeds]
+    if action != "move":
+        # every run directory is checked before anything is written
+        for _, _, run_dir in plan:
+            rundir.check_out(run_dir, resume=base.resume)
     command = command or shlex.join([Path(sys.argv[0]).name, *sys.argv[1:]])
     data = load_dataset(base.dataset, base.data_dir, download=base.download,
                         split_seed=base.split_seed, train_subset=base.train_subset,
                         test_subset=base.test_subset, image_size=base.image_size)
+    moved = rundir.prepare_out(out, action)
+    if moved is not None:
+        log(f"moved the previous contents of {out} to {moved} (--force)")
     summaries = []
     t0 = time.perf_counter()
-    for g in geometries:
-        for s in seeds:
-            run_dir = out / geometry_slug(g) / f"seed{s}"
-            cfg = dataclasses.replace(base, geometry=g, seed=s, out=str(run_dir),
-                                      command=command, extra=dict(base.extra))
-            t = time.perf_counter()
-            summ = train(cfg, data=data)
-            summ["out"] = str(run_dir)
-            summaries.append(summ)
-            log(f"  {g:<24s} seed {s}: final test error {100 * summ['final_test_error']:.2f}%"
-                f"  best {100 * summ['best_test_error']:.2f}%  "
-                f"({summ['time_per_epoch']:.2f} s/epoch, {time.perf_counter() - t:.1f} s)")
-    report = write_report(out, summaries, geometries, base, dataset_label=data.label,
+    for spec, s, run_dir in plan:
+        cfg = dataclasses.replace(base, geometry=spec, seed=s, out=str(run_dir), force=False,
+                                  command=command, extra=dict(base.extra))
+        t = time.perf_counter()
+        summ = train(cfg, data=data)
+        summ["out"] = str(run_dir)
+        summaries.append(summ)
+        log(f"  {str(spec):<24s} seed {s}: final test error "
+            f"{100 * summ['final_test_error']:.2f}%  best {100 * summ['best_test_error']:.2f}%  "
+            f"({summ['time_per_epoch']:.2f} s/epoch, {time.perf_counter() - t:.1f} s)")
+    names = [str(spec) for spec in specs]
+    report = write_report(out, summaries, names, base, dataset_label=data.label,
                           title=title, command=command, notes=notes)
-    rows = aggregate(summaries, geometries)
-    (out / "compare.json").write_text(json.dumps(
-        {"rows": rows, "total_time": time.perf_counter() - t0, "command": command}, indent=2)
-        + "\n")
+    rows = aggregate(summaries, names)
+    rundir.write_json(out / "compare.json", {"rows": rows, "total_time":
+                                             time.perf_counter() - t0, "command": command})
     return {"report": report, "rows": rows, "summaries": summaries,
             "table": format_table(rows, data.label), "total_time": time.perf_counter() - t0}
 
 
-def run_demo(out: str | Path = "runs/demo", *, epochs: int = 20, seeds: Sequence[int] = (0,),
+def run_demo(out: str | Path, *, epochs: int = 20, seeds: Sequence[int] = (0,),
              geometries: Sequence[str] = DEMO_GEOMETRIES, quiet: bool = False,
              **overrides) -> dict[str, Any]:
     """``kernelgeo demo``: :func:`run_compare` on digits for the five demo geometries."""

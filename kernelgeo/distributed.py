@@ -35,7 +35,8 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-__all__ = ["DistContext", "init_distributed", "cleanup", "all_reduce_sum", "param_divergence",
+__all__ = ["DistContext", "init_distributed", "cleanup", "barrier", "all_reduce_sum",
+           "param_divergence",
            "broadcast_parameters", "unwrap", "EPILOG"]
 
 EPILOG = """distributed training:
@@ -95,6 +96,12 @@ def cleanup() -> None:
     """Leave the process group (no-op when not distributed)."""
     if dist.is_available() and dist.is_initialized():
         dist.destroy_process_group()
+
+
+def barrier(ctx: DistContext) -> None:
+    """Wait for every rank (no-op for a single process)."""
+    if ctx.enabled:
+        dist.barrier()
 
 
 def all_reduce_sum(t: torch.Tensor, ctx: DistContext) -> torch.Tensor:

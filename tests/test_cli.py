@@ -3,20 +3,13 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
-import warnings
 
 import pytest
 
 from kernelgeo.cli import main
-
-
-@pytest.fixture(autouse=True)
-def _no_fallback_warning():
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message=".*ConvergentRSGD is not available")
-        yield
 
 
 def _run(argv, capsys):
@@ -96,3 +89,133 @@ def test_demo_runs(tmp_path, capsys):
     for g in ("euclidean", "sphere", "oblique", "stiefel", "po:sphere+stiefel"):
         assert f"| {g} | 1 |" in out
     assert (tmp_path / "report.md").is_file() and (tmp_path / "error.png").is_file()
+
+
+@pytest.mark.parametrize("argv,needle", [
+    (["train", "--lr", "inf"], "--lr: expected a finite number > 0"),
+    (["train", "--lr", "nan"], "--lr: expected a finite number > 0"),
+    (["train", "--lr", "-1"], "--lr: expected a finite number > 0"),
+    (["train", "--momentum", "inf"], "--momentum: expected a number in [0, 1)"),
+    (["train", "--momentum", "5"], "--momentum: expected a number in [0, 1)"),
+    (["train", "--weight-decay", "inf"], "--weight-decay: expected a finite number >= 0"),
+    (["train", "--split-seed", "-1"], "--split-seed: expected an integer in [0, 4294967295]"),
+    (["train", "--seed", "2**70"], "expected an integer, got '2**70'"),
+    (["train", "--seed", str(2**70)], "--seed: expected an integer in [0, 9223372036854775807]"),
+    (["train", "--seed", "-3"], "--seed: expected an integer in [0"),
+    (["train", "--crop-padding", "-2"], "--crop-padding: expected an integer >= 0"),
+    (["train", "--rm-power", "2"], "--rm-power: expected a number in (0.5, 1]"),
+    (["train", "--print-freq", "0"], "--print-freq: expected a positive integer"),
+    (["train", "--amp", "fp8"], "invalid choice"),
+    (["compare", "--seeds", "0", "-1"], "--seeds: expected an integer in [0"),
+    (["train", "--geometry", "po:2:sphere+stiefel+oblique+sphere"],
+     "4 components for 2 group(s)"),
+    (["train", "--geometry", "po:2:3:sphere"], "bad product spec"),
+    (["train", "--geometry", "po:sphere+"], "empty component name"),
+    (["analyze", "--epochs", "0"], "--epochs must be a positive integer"),
+    (["analyze", "--lr", "inf"], "--lr must be a finite number > 0"),
+    (["analyze", "--momentum", "5"], "--momentum must be a number in [0, 1)"),
+    (["analyze", "--seed", "-1"], "--seed must be an integer in [0, 2**63)"),
+    (["analyze", "--points", "1"], "--points must be an integer >= 2"),
+    (["analyze", "--span", "nan"], "--span must be a finite number > 0"),
+    (["analyze", "--subset", "0"], "--subset must be a positive integer"),
+    (["analyze", "--geometries", "sphere", "spheer"], "valid names"),
+    (["analyze", "--model", "resnet21"], "valid: resnet20"),
+])
+def test_bad_values_exit_2_with_one_line(argv, needle, capsys):
+    code, _, err = _run(argv, capsys)
+    lines = err.strip().splitlines()
+    assert code == 2 and needle in err and "Traceback" not in err, err
+    assert lines[-1].startswith("kernelgeo") and needle in lines[-1]
+
+
+def test_bad_output_directories_exit_2(tmp_path, capsys):
+    f = tmp_path / "file"
+    f.write_text("x")
+    for out, needle in [(f, "is a file, not a directory"),
+                        (f / "sub", "is a file, not a directory"),
+                        ]:
+        code, _, err = _run(["train", "--out", str(out), "--quiet"], capsys)
+        assert code == 2 and needle in err and "Traceback" not in err
+    code, _, err = _run(["train", "--out", str(tmp_path), "--name", "x"], capsys)
+    assert code == 2 and "--out or --name, not both" in err
+    code, _, err = _run(["train", "--out", str(tmp_path), "--resume", "--force"], capsys)
+    assert code == 2 and "give one of them" in err
+    code, _, err = _run(["analyze", "--out", str(tmp_path), "--epochs", "0"], capsys)
+    assert code == 2 and f.read_text() == "x"
+    for cmd in ("analyze", "demo"):
+        code, _, err = _run([cmd, "--out", str(tmp_path)], capsys)
+        assert code == 2 and "already holds a" in err and "--resume" not in err
+        assert "--force" in err and f.read_text() == "x"
+
+
+@pytest.mark.skipif(hasattr(os, "geteuid") and os.geteuid() == 0,
+                    reason="root may write into read-only directories")
+def test_unwritable_out_exits_2(tmp_path, capsys):
+    ro = tmp_path / "ro"
+    ro.mkdir()
+    ro.chmod(0o500)
+    try:
+        code, _, err = _run(["train", "--out", str(ro / "run"), "--quiet"], capsys)
+    finally:
+        ro.chmod(0o700)
+    assert code == 2 and "permission denied" in err and "Traceback" not in err
+
+
+def test_uncreatable_out_exits_with_reason(capsys):
+    code, _, err = _run(["train", "--out", "/proc/kernelgeo-no/run", "--epochs", "1",
+                         "--max-steps", "1", "--quiet"], capsys)
+    assert code in (1, 2) and "/proc/kernelgeo-no" in err and "Traceback" not in err
+
+
+def test_existing_run_and_resume_messages(tmp_path, capsys):
+    out = tmp_path / "r"
+    base = ["train", "--epochs", "1", "--max-steps", "2", "--out", str(out), "--quiet"]
+    assert main(base) == 0
+    code, _, err = _run(base, capsys)
+    assert code == 2 and "already holds a run" in err and "--force" in err
+    code, _, err = _run(base + ["--resume", "--lr", "0.2", "--nesterov"], capsys)
+    assert code == 2 and "lr: checkpoint 0.1 vs now 0.2" in err
+    assert "nesterov: checkpoint False vs now True" in err
+    (tmp_path / "other").mkdir()
+    (tmp_path / "other" / "notes.txt").write_text("mine")
+    code, _, err = _run(["train", "--out", str(tmp_path / "other"), "--resume"], capsys)
+    assert code == 2 and "holds no checkpoint.pt" in err
+    assert (tmp_path / "other" / "notes.txt").read_text() == "mine"
+
+
+def test_geometry_is_parsed_once(tmp_path, monkeypatch):
+    """The CLI builds each rule's manifold once (argparse), and the run uses those objects."""
+    from kernelgeo.manifolds import registry
+
+    calls = {"n": 0}
+    real = registry._FACTORIES["sphere"]
+
+    def counting(**kw):
+        calls["n"] += 1
+        return real(**kw)
+
+    monkeypatch.setitem(registry._FACTORIES, "sphere", counting)
+    assert main(["train", "--geometry", "layer1.*=sphere,*=euclidean", "--epochs", "1",
+                 "--max-steps", "1", "--quiet", "--out", str(tmp_path / "r")]) == 0
+    assert calls["n"] == 1
+
+
+def test_analyze_writes_to_runs_analyze_name(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    assert main(["analyze", "--epochs", "1", "--points", "3", "--subset", "64",
+                 "--no-sharpness", "--geometries", "sphere", "--threads", "1",
+                 "--name", "a"]) == 0
+    assert (tmp_path / "runs/analyze/a/report.md").is_file()
+
+
+def test_torchrun_needs_an_explicit_output_name(monkeypatch, capsys):
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    code, _, err = _run(["train", "--epochs", "1"], capsys)
+    assert code == 2 and "give --out or --name" in err
+
+
+def test_diverging_run_exits_1_naming_layers(tmp_path, capsys):
+    code, _, err = _run(["train", "--lr", "1e30", "--epochs", "2", "--quiet",
+                         "--out", str(tmp_path / "r")], capsys)
+    assert code == 1 and "non-finite gradient" in err and "conv1.weight" in err
+    assert "Traceback" not in err

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import math
-import warnings
 
 import pytest
 import torch
@@ -14,7 +13,6 @@ from kernelgeo.data import DataNotFoundError, load_dataset
 from kernelgeo.train import (
     ConfigError,
     TrainConfig,
-    _Schedule,
     parse_geometry,
     train,
 )
@@ -23,12 +21,6 @@ GEOMETRIES = ["euclidean", "sphere", "centered-sphere", "oblique", "oblique-slic
               "stiefel-slice", "po:sphere+stiefel", "layer1.*=sphere,layer2.*=stiefel"]
 TIME_KEYS = ("epoch_time", "images_per_s")
 
-
-@pytest.fixture(autouse=True)
-def _no_fallback_warning():
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message=".*ConvergentRSGD is not available")
-        yield
 
 
 def _cfg(**kw):
@@ -69,7 +61,7 @@ def test_tiny_cifar_steps_lower_loss(geometry):
     torch.manual_seed(0)
     # the small digits ResNet runs on 32x32 too (global pooling) and keeps this test fast
     model = get_model("resnet-digits", 10, 3)
-    kernelgeo.constrain(model, parse_geometry(geometry), on_invalid="skip")
+    kernelgeo.constrain(model, parse_geometry(geometry).constrain_spec(), on_invalid="skip")
     opt = build_optimizer(model, _cfg(lr=0.1, geometry=geometry))
     x, y = next(iter(TensorLoader(d.x_train, d.y_train, 64, mean=d.mean, std=d.std)))
     losses = []
@@ -168,16 +160,19 @@ def test_checkpoint_refuses_arbitrary_objects(tmp_path):
 
 
 def test_parse_geometry():
-    assert parse_geometry("sphere") == "sphere"
-    rules = parse_geometry(" layer1.*=sphere , layer3.*=stiefel,*=euclidean")
+    from kernelgeo.manifolds import GeometryError
+
+    assert parse_geometry("sphere").names() == "sphere"
+    rules = parse_geometry(" layer1.*=sphere , layer3.*=stiefel,*=euclidean").names()
     assert list(rules.items()) == [("layer1.*", "sphere"), ("layer3.*", "stiefel"),
                                    ("*", "euclidean")]
     for bad, match in [("spheer", "valid names"), ("a=sphere,b", "rule #2"),
                        ("=sphere", "empty glob"), ("a=", "empty geometry"),
                        ("a=x", "valid names"), ("a=sphere,a=stiefel", "twice"),
                        ("sphere,stiefel", "glob=name"), ("", "empty")]:
-        with pytest.raises(ConfigError, match=match):
+        with pytest.raises(GeometryError, match=match):
             parse_geometry(bad)
+    assert issubclass(GeometryError, ValueError)
 
 
 def test_config_errors():
@@ -189,17 +184,30 @@ def test_config_errors():
         train(_cfg(dataset="imagenet"))
 
 
-def test_sgd_on_euclidean_and_schedules():
+def test_sgd_on_euclidean():
     s = train(_cfg(optimizer="sgd", schedule="step", epochs=1, max_steps=5))
     assert s["history"][0]["step"] == 5 and not s["completed"]
-    cos = _Schedule("cosine", 100, 10, 0.75)
-    assert cos(0) == 1 and abs(cos(50) - 0.5) < 1e-12 and cos(100) < 1e-12
-    st = _Schedule("step", 100, 10, 0.75)
-    assert (st(49), st(50), st(75)) == (1, 0.1, pytest.approx(0.01))
-    rm = _Schedule("robbins-monro", 100, 10, 0.75)
-    assert rm(10) == pytest.approx(2 ** -0.75)
-    # Robbins-Monro: sum of steps diverges, sum of squares converges (p in (1/2, 1])
-    assert _Schedule("constant", 100, 10, 1)(99) == 1
+
+
+@pytest.mark.parametrize("schedule", ["cosine", "step", "robbins-monro", "constant"])
+def test_schedules_follow_their_formulas(schedule):
+    """The learning rate of every step against the closed forms, written here."""
+    from kernelgeo.train import build_scheduler
+
+    total, t0, p = 40, 10, 0.75
+    formulas = {
+        "cosine": lambda t: 0.5 * (1 + math.cos(math.pi * t / total)),
+        "step": lambda t: 0.1 ** ((t >= 0.5 * total) + (t >= 0.75 * total)),
+        "robbins-monro": lambda t: (1 + t / t0) ** -p,
+        "constant": lambda t: 1.0,
+    }
+    opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=0.4)
+    sched = build_scheduler(opt, _cfg(schedule=schedule, rm_t0=t0, rm_power=p), total, 5)
+    for t in range(total + 1):
+        assert opt.param_groups[0]["lr"] == pytest.approx(0.4 * formulas[schedule](t),
+                                                          rel=1e-9, abs=1e-15), t
+        opt.step()
+        sched.step()
 
 
 def test_compare_writes_report(tmp_path):

@@ -39,8 +39,9 @@ PAGES = [
      "The modules behind ``kernelgeo train``, ``kernelgeo compare``, ``kernelgeo demo`` and "
      "``kernelgeo analyze``."),
 ]
-TRAINING_MODULES = ["kernelgeo.train", "kernelgeo.compare", "kernelgeo.cli",
-                    "kernelgeo.checkpoint", "kernelgeo.distributed"]
+#: documented after the kernelgeo.training package (kernelgeo.train only re-exports it)
+TRAINING_MODULES = ["kernelgeo.compare", "kernelgeo.cli", "kernelgeo.checkpoint",
+                    "kernelgeo.distributed"]
 #: modules documented on the kernelgeo page instead of their own (name clash with a function)
 FOLDED_INTO_TOP = {"kernelgeo.constrain"}
 
@@ -135,7 +136,7 @@ def page_for_package(pkgname: str, title: str, intro: str) -> str:
 
 
 def page_for_modules(modnames: list[str], title: str, intro: str) -> str:
-    lines = [title, "=" * len(title), "", intro, ""]
+    lines = [page_for_package("kernelgeo.training", title, intro), ""]
     for m in modnames:
         try:
             mod = importlib.import_module(m)

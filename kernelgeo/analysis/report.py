@@ -104,16 +104,11 @@ def digits_tensors(seed: int = 0) -> tuple[torch.Tensor, torch.Tensor, torch.Ten
 
 
 def _optimizer(params, lr: float, momentum: float):
-    """kernelgeo's convergent RSGD when available, else geoopt's RiemannianSGD."""
-    try:
-        from ..optim import ConvergentRSGD  # type: ignore[attr-defined]
+    """kernelgeo's convergent RSGD with its default step rule, and its description."""
+    from ..optim import ConvergentRSGD
 
-        return (ConvergentRSGD(params, lr=lr, momentum=momentum, step_rule="gsgd"),
-                "kernelgeo ConvergentRSGD (gsgd rule)")
-    except (ImportError, TypeError):
-        from .._compat import RiemannianSGD
-
-        return RiemannianSGD(params, lr=lr, momentum=momentum), "geoopt RiemannianSGD"
+    opt = ConvergentRSGD(params, lr=lr, momentum=momentum)
+    return opt, f"kernelgeo ConvergentRSGD ({opt.defaults['step_rule']} rule)"
 
 
 @dataclass

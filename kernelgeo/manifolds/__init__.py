@@ -7,12 +7,21 @@ from .base import KernelManifold, KernelShapeError, radius_for_shape
 from .euclidean import Euclidean
 from .oblique import Oblique
 from .product import KernelProduct
-from .registry import ALIASES, available, get_manifold
+from .registry import (
+    ALIASES,
+    GeometryError,
+    GeometryRule,
+    GeometrySpec,
+    available,
+    get_manifold,
+    parse_geometry,
+)
 from .sphere import CenteredSphere, RowSphere, Sphere
 from .stiefel import Stiefel, stiefel_groups
 
 __all__ = [
     "KernelManifold", "KernelShapeError", "radius_for_shape", "Euclidean", "Sphere",
     "CenteredSphere", "RowSphere", "Oblique", "Stiefel", "stiefel_groups", "KernelProduct",
-    "available", "get_manifold", "ALIASES",
+    "available", "get_manifold", "ALIASES", "parse_geometry", "GeometrySpec", "GeometryRule",
+    "GeometryError",
 ]
