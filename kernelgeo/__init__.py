@@ -20,6 +20,7 @@ from .constrain import (  # noqa: E402
     ConstrainReport,
     KernelProjectionWarning,
     LayerEntry,
+    OptimizerStateResetWarning,
     UnusedRuleWarning,
     constrain,
     constraint_error,
@@ -35,7 +36,8 @@ _LAZY = ("optim", "analysis", "models")
 
 __all__ = [
     "__version__", "manifolds", "nn", "constrain", "unconstrain", "ConstrainReport",
-    "LayerEntry", "KernelProjectionWarning", "UnusedRuleWarning", "constraint_error",
+    "LayerEntry", "KernelProjectionWarning", "UnusedRuleWarning", "OptimizerStateResetWarning",
+    "constraint_error",
     "manifold_parameters", "project_", "load_state_dict", "available", "get_manifold",
 ]
 

@@ -19,7 +19,11 @@ the kernel, and a Riemannian one (:class:`~kernelgeo.optim.ConvergentRSGD`,
 (``torch.optim.SGD``) would move the kernel off its manifold.  Tied weights (one tensor used
 by several modules) stay tied: they become one manifold parameter.
 :func:`unconstrain` turns manifold parameters back into plain parameters, keeping values,
-identity and keys.
+identity and keys.  When either changes the geometry of a kernel that an optimizer already
+holds state for (momentum built for the old manifold, or Euclidean momentum), that state is
+discarded at the optimizer's next step, with an :class:`OptimizerStateResetWarning`: it
+would not be tangent to the new manifold, and per-block buffers would not match the new
+manifold's blocks.
 
 Loading a state dict into a constrained model (``model.load_state_dict`` or any of its
 submodules) goes through a pre-hook installed by :func:`constrain` that checks every kernel
@@ -31,11 +35,13 @@ projected onto it, with a :class:`KernelProjectionWarning`.
 from __future__ import annotations
 
 import fnmatch
+import itertools
 import math
 import os
 import re
 import sys
 import warnings
+import weakref
 from collections import OrderedDict
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
@@ -43,6 +49,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 from torch.nn.utils import parametrize
+from torch.optim.optimizer import register_optimizer_step_pre_hook
 
 from ._compat import ManifoldParameter
 from .manifolds import Euclidean, KernelManifold, KernelShapeError, available, get_manifold
@@ -50,8 +57,8 @@ from .manifolds.product import KernelProduct
 
 __all__ = [
     "constrain", "unconstrain", "ConstrainReport", "LayerEntry", "KernelProjectionWarning",
-    "UnusedRuleWarning", "constraint_error", "manifold_parameters", "project_",
-    "load_state_dict",
+    "UnusedRuleWarning", "OptimizerStateResetWarning", "constraint_error",
+    "manifold_parameters", "project_", "load_state_dict",
 ]
 
 _CONV = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
@@ -414,26 +421,79 @@ def _holders(model: nn.Module) -> dict[int, list[tuple[str, nn.Module]]]:
 # --------------------------------------------------------------- conversion
 
 
-def _to_manifold(p: nn.Parameter, m: KernelManifold) -> float:
+class OptimizerStateResetWarning(UserWarning):
+    """An optimizer's state for a kernel was discarded because :func:`constrain` or
+    :func:`unconstrain` changed the kernel's geometry after the state was built."""
+
+
+# Kernels whose geometry changed: id -> (weak reference, version, state_dict key).  Optimizer
+# state built for the old geometry (momentum per block of the old manifold, Euclidean
+# momentum off the tangent space) is wrong for the new one, and ConvergentRSGD indexes its
+# per-block buffers by the manifold's blocks: a global optimizer step pre-hook drops that
+# state at each optimizer's next step.
+_CHANGED: dict[int, tuple[weakref.ref, int, str]] = {}
+_VERSIONS = itertools.count(1)
+_STEP_HOOK = []
+
+
+def _geometry_changed(p, label: str) -> None:
+    _CHANGED.pop(id(p), None)  # re-inserted last: warnings list kernels in change order
+    _CHANGED[id(p)] = (weakref.ref(p), next(_VERSIONS), label)
+    if not _STEP_HOOK:
+        _STEP_HOOK.append(register_optimizer_step_pre_hook(
+            _drop_stale_state))
+
+
+def _drop_stale_state(optimizer, args, kwargs) -> None:
+    if not _CHANGED:
+        return
+    seen = optimizer.__dict__.setdefault("_kernelgeo_seen", {})
+    dropped = []
+    for pid, (ref, version, label) in list(_CHANGED.items()):
+        p = ref()
+        if p is None:
+            _CHANGED.pop(pid, None)
+            continue
+        if seen.get(pid) == version:
+            continue
+        seen[pid] = version
+        if p in optimizer.state:
+            if optimizer.state[p]:
+                dropped.append(label or f"shape {tuple(p.shape)}")
+            del optimizer.state[p]
+    if dropped:
+        warnings.warn(
+            f"{type(optimizer).__name__}: the state (momentum) of {', '.join(dropped)} was "
+            "built before kernelgeo.constrain/unconstrain changed their geometry and has been "
+            "discarded; their momentum restarts from zero", OptimizerStateResetWarning,
+            stacklevel=_user_stacklevel())
+
+
+def _to_manifold(p: nn.Parameter, m: KernelManifold, label: str = "",
+                 track: bool = True) -> float:
     """Turn ``p`` into a manifold parameter on ``m`` in place; relative distance moved."""
     with torch.no_grad():
         target = _project(m, p)
         scale = float(p.detach().double().norm()) or 1.0
         moved = float((target.double() - p.detach().double()).norm()) / scale
+        changed = not (_is_kernel(p) and _manifold_key(p.manifold) == _manifold_key(m))
         if type(p) is not ManifoldParameter:
             p.__class__ = ManifoldParameter
         p.manifold = m
         # a new storage: optimizers that cache views of their parameters (ConvergentRSGD's
         # batched plans are keyed on data_ptr) rebuild them and see the manifold
         p.data = target
+    if changed and track:
+        _geometry_changed(p, label)
     return moved
 
 
-def _to_euclidean(p: ManifoldParameter) -> None:
+def _to_euclidean(p: ManifoldParameter, label: str = "") -> None:
     with torch.no_grad():
         p.__class__ = nn.Parameter
         p.__dict__.pop("manifold", None)
         p.data = p.data.clone()  # new storage, as in _to_manifold
+    _geometry_changed(p, label)
 
 
 def _sync_modules(holders: dict, p, m: KernelManifold | None) -> None:
@@ -519,7 +579,8 @@ def constrain(model: nn.Module, spec: Spec, *, on_invalid: str = "raise",
     ``state_dict`` key and its shape.  Half-precision kernels (float16, bfloat16) are
     projected in float32 and rounded once, so they sit on their manifold to within the
     rounding of their dtype.  Calling :func:`constrain` again re-projects or changes the
-    geometry of the selected kernels in place.
+    geometry of the selected kernels in place; an optimizer's state for a kernel whose
+    geometry changed is discarded at its next step (:class:`OptimizerStateResetWarning`).
     """
     if on_invalid not in ("raise", "skip"):
         raise ValueError(f"on_invalid must be 'raise' or 'skip', got {on_invalid!r}")
@@ -632,10 +693,10 @@ def constrain(model: nn.Module, spec: Spec, *, on_invalid: str = "raise",
         p = members[0][1]._parameters.get("weight")
         if m is None:
             if p is not None and _is_kernel(p):
-                _to_euclidean(p)
+                _to_euclidean(p, _key(entry.name))
                 _sync_modules(holders, p, None)
             continue
-        entry.moved = _to_manifold(p, m)
+        entry.moved = _to_manifold(p, m, _key(entry.name))
         _sync_modules(holders, p, m)
     _install_load_hooks(model)
     return ConstrainReport(entries)
@@ -694,7 +755,7 @@ def unconstrain(model: nn.Module, layers: str | Iterable[str] | None = None) -> 
         label = name if pname == "weight" else key
         if _is_kernel(p):
             was = p.manifold.describe(shape)
-            _to_euclidean(p)
+            _to_euclidean(p, key)
             _sync_modules(holders, p, None)
             entries.append(LayerEntry(label, type(mod).__name__, shape, "euclidean", p.numel(),
                                       "euclidean", f"was {was}", aliases=aliases))

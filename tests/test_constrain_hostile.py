@@ -181,6 +181,22 @@ def test_tied_weights_with_conflicting_rules_refused():
     assert len(kernelgeo.constrain(Tied(), {"c2": "oblique"}).constrained) == 1
 
 
+def test_linear_tied_to_embedding_is_one_parameter():
+    class LM(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.emb = nn.Embedding(10, 6)
+            self.head = nn.Linear(6, 10, bias=False)
+            self.head.weight = self.emb.weight
+
+    lm = LM()
+    report = kernelgeo.constrain(lm, "sphere", include_linear=True)
+    assert report.entries[0].name == "head" and report.entries[0].aliases == ("emb.weight",)
+    assert lm.emb.weight is lm.head.weight and isinstance(lm.emb.weight, ManifoldParameter)
+    norms = lm.emb.weight.detach().norm(dim=1)
+    torch.testing.assert_close(norms, torch.ones_like(norms))
+
+
 # ------------------------------------------------------- optimizer built before constrain
 
 
@@ -197,14 +213,67 @@ def test_optimizer_built_before_constrain_keeps_training_the_kernels(stepped):
     kernelgeo.constrain(model, {"0": "sphere", "2": "stiefel"})
     assert model[0].weight is w0 and opt.param_groups[0]["params"][0] is w0
     before = [model[i].weight.detach().clone() for i in (0, 2)]
-    for _ in range(3):
+    for k in range(3):
         model(x).square().mean().backward()
-        opt.step()
+        if stepped and k == 0:  # its Euclidean momentum is not tangent: dropped, with a warning
+            with pytest.warns(kernelgeo.OptimizerStateResetWarning, match="0.weight, 2.weight"):
+                opt.step()
+        else:
+            opt.step()
         opt.zero_grad()
     for i, b in zip((0, 2), before, strict=True):
         w = model[i].weight
         assert (w.detach() - b).norm() > 1e-4  # trained
         assert w.manifold.constraint_error(w) < 1e-5  # on the manifold
+
+
+@pytest.mark.parametrize("batched", [True, False])
+@pytest.mark.parametrize("first,then", [("sphere", "po:sphere+stiefel"),
+                                        ("po:sphere+stiefel", "sphere"),
+                                        ("stiefel", "euclidean"), ("euclidean", "oblique")])
+def test_geometry_change_after_momentum_steps_resets_that_state(first, then, batched):
+    model = _net()
+    kernelgeo.constrain(model, first)
+    opt = ConvergentRSGD(model.parameters(), lr=0.05, momentum=0.9, batched=batched)
+    x = _x()
+
+    def step():
+        opt.zero_grad()
+        model(x).square().mean().backward()
+        opt.step()
+
+    step()
+    step()
+    kernelgeo.constrain(model, then)
+    # momentum built for the old blocks would be indexed by the new ones: it is dropped,
+    # with a warning naming the kernels, and only at this optimizer's first step
+    with pytest.warns(kernelgeo.OptimizerStateResetWarning, match=r"0\.weight, 2\.weight"):
+        step()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", kernelgeo.OptimizerStateResetWarning)
+        step()
+        step()
+    assert kernelgeo.constraint_error(model) < 1e-5
+    assert all(torch.isfinite(p).all() for p in model.parameters())
+    # re-projecting onto the same geometry keeps the momentum
+    kernelgeo.constrain(model, then)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", kernelgeo.OptimizerStateResetWarning)
+        step()
+
+
+def test_optimizer_built_after_the_change_keeps_its_state():
+    model = _net()
+    kernelgeo.constrain(model, "sphere")
+    kernelgeo.constrain(model, "stiefel")
+    opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", kernelgeo.OptimizerStateResetWarning)
+        for _ in range(2):
+            opt.zero_grad()
+            model(_x()).square().mean().backward()
+            opt.step()
+    assert "momentum_buffer" in opt.state[model[0].weight]
 
 
 def test_riemannian_sgd_built_before_constrain():
