@@ -368,16 +368,19 @@ class _Rules:
         self.won.add(i)
         return m, f"rule {g!r}"
 
-    def check_used(self, names: list[str], strict: bool) -> None:
+    def check_used(self, names: list[str], strict: bool, linear: list[str]) -> None:
         """Refuse rules that match no layer; warn about (or, ``strict``, refuse) rules
-        shadowed by earlier ones."""
+        shadowed by earlier ones.  ``linear``: names of Linear layers left out."""
         if self.rules is None:
             return
         unused = [g for i, (g, _) in enumerate(self.rules) if i not in self.matched]
         if unused:
+            lin = [n for n in linear if any(fnmatch.fnmatchcase(n, g) for g in unused)]
+            hint = (f"; Linear layer(s) {', '.join(lin)} need include_linear=True" if lin
+                    else "")
             raise ValueError(
                 f"constrain: rule(s) {unused} match no convolution layer; layers are: "
-                f"{', '.join(names) or '(none)'}; nothing was converted")
+                f"{', '.join(names) or '(none)'}{hint}; nothing was converted")
         shadowed = []
         for i, (g, _) in enumerate(self.rules):
             if i in self.won:
@@ -506,7 +509,11 @@ def _sync_modules(holders: dict, p, m: KernelManifold | None) -> None:
 
 
 def _describe(p, shape) -> str:
-    return p.manifold.describe(shape) if _is_kernel(p) else "euclidean"
+    if _is_kernel(p):
+        return p.manifold.describe(shape)
+    if isinstance(p, ManifoldParameter):  # declared by hand on another geoopt manifold
+        return f"geoopt {p.manifold!r}"
+    return "euclidean"
 
 
 def _fail(header: str, errors: list[str], hint: str = "") -> ValueError:
@@ -591,7 +598,9 @@ def constrain(model: nn.Module, spec: Spec, *, on_invalid: str = "raise",
     names = [n for n, _ in layers]
     rules = _Rules(spec, **manifold_kwargs)
     resolved = [(name, mod, *rules(name, mod)) for name, mod in layers]
-    rules.check_used(names, strict)
+    linear = [] if include_linear else [n for n, mod in model.named_modules()
+                                        if isinstance(mod, nn.Linear)]
+    rules.check_used(names, strict, linear)
     owners = _owners(model)
 
     # one group per kernel tensor: tied modules hold the same parameter object
@@ -630,7 +639,7 @@ def constrain(model: nn.Module, spec: Spec, *, on_invalid: str = "raise",
                 why + ("; left as it is" if _is_kernel(p) else ""), aliases=aliases))
             continue
         if isinstance(m, Euclidean):
-            was = f" (was {_describe(p, shape)})" if _is_kernel(p) else ""
+            was = f" (was {_describe(p, shape)})" if isinstance(p, ManifoldParameter) else ""
             entry = LayerEntry(name, kind, shape, "euclidean", numel, "euclidean",
                                f"{why} -> euclidean{was}", aliases=aliases)
             plan.append((members, p, None, entry))
@@ -692,7 +701,7 @@ def constrain(model: nn.Module, spec: Spec, *, on_invalid: str = "raise",
     for members, p, m, entry in plan:
         p = members[0][1]._parameters.get("weight")
         if m is None:
-            if p is not None and _is_kernel(p):
+            if isinstance(p, ManifoldParameter):
                 _to_euclidean(p, _key(entry.name))
                 _sync_modules(holders, p, None)
             continue

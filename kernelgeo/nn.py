@@ -33,7 +33,10 @@ class ManifoldConvMixin:
 
     The weight stays the ``nn.Parameter`` object the base layer created (it changes class,
     as in :func:`kernelgeo.constrain`), and loading a state dict goes through the same
-    checks (NaN/Inf and shape refused, off-manifold entries projected with a warning).
+    checks (NaN/Inf and shape refused, off-manifold entries projected with a warning); a
+    model that merely contains such layers checks a load into itself before copying
+    anything once :func:`kernelgeo.constrain` has been called on it (``spec=None`` changes
+    nothing and installs the checks on every module).
     Refused with a :class:`ValueError` naming the shape: a kernel that cannot hold the
     manifold, the meta device, a non-floating dtype, a radius whose square or inverse
     square is not a finite normal number of the dtype.  Half-precision kernels are

@@ -461,6 +461,13 @@ def test_shadowed_rule_refused_with_strict():
     _assert_unchanged(model, snap)
 
 
+def test_rule_matching_only_a_linear_layer_says_include_linear():
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.Flatten(), nn.Linear(4, 2))
+    with pytest.raises(ValueError, match=r"Linear layer\(s\) 2 need include_linear=True"):
+        kernelgeo.constrain(model, {"2": "sphere"})
+    assert kernelgeo.constrain(model, {"2": "sphere"}, include_linear=True).constrained
+
+
 def test_rules_that_decide_a_layer_do_not_warn():
     model = _net()
     with warnings.catch_warnings():
@@ -618,6 +625,16 @@ def test_euclidean_spec_reverts_with_a_truthful_report():
     assert [e.status for e in report] == ["euclidean", "manifold"]
     assert "left as it is" in report.entries[1].reason
     assert "1 of 2 kernels on manifolds" in str(report)
+
+
+def test_euclidean_spec_reverts_a_hand_declared_geoopt_manifold():
+    import geoopt
+
+    model = _net()
+    model[0].weight = ManifoldParameter(model[0].weight.detach(), manifold=geoopt.Sphere())
+    report = kernelgeo.constrain(model, "euclidean")
+    assert type(model[0].weight) is nn.Parameter
+    assert "was geoopt Sphere" in report.entries[0].reason
 
 
 def test_unconstrain_nn_layer_stops_projecting_on_reset():
