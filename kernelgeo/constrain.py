@@ -897,11 +897,26 @@ def _install_load_hooks(model: nn.Module) -> None:
     checking pre-hook, so that a load into any of them is checked before anything is
     copied."""
     for mod in model.modules():
-        if getattr(mod, "_kernelgeo_load_hook", False):
+        if getattr(mod, "_kernelgeo_load_checks", False):
             continue
         if any(_is_kernel(p) for p in mod.parameters()):
             mod.register_load_state_dict_pre_hook(_load_pre_hook)
-            mod._kernelgeo_load_hook = True
+            mod._kernelgeo_load_checks = True
+
+
+def _project_after_load(module: nn.Module, incompatible_keys) -> None:
+    """Load post-hook of models constrained by kernelgeo 0.1.0 before the pre-hook checks
+    existed; kept so that such pickled models still load (it projects off-manifold kernels,
+    as it did).  :func:`constrain` on such a model installs the checks."""
+    moved = {}
+    with torch.no_grad():
+        for name, p in manifold_parameters(module):
+            err = p.manifold.constraint_error(p)
+            if err > _load_tol(p.dtype) * max(1.0, float(p.detach().abs().max())) and \
+                    torch.isfinite(p).all():
+                moved[name] = err
+                p.copy_(_project(p.manifold, p))
+    _warn_projected(moved)
 
 
 def load_state_dict(model: nn.Module, state_dict: Mapping[str, torch.Tensor],
