@@ -472,13 +472,20 @@ def _drop_stale_state(optimizer, args, kwargs) -> None:
             stacklevel=_user_stacklevel())
 
 
-def _to_manifold(p: nn.Parameter, m: KernelManifold, label: str = "",
-                 track: bool = True) -> float:
-    """Turn ``p`` into a manifold parameter on ``m`` in place; relative distance moved."""
+def _projection(m: KernelManifold, w: torch.Tensor) -> tuple[torch.Tensor, float]:
+    """Projection of ``w`` onto ``m`` and the relative distance it moves ``w``."""
     with torch.no_grad():
-        target = _project(m, p)
-        scale = float(p.detach().double().norm()) or 1.0
-        moved = float((target.double() - p.detach().double()).norm()) / scale
+        target = _project(m, w)
+        scale = float(w.detach().double().norm()) or 1.0
+        moved = float((target.double() - w.detach().double()).norm()) / scale
+    return target, moved
+
+
+def _to_manifold(p: nn.Parameter, m: KernelManifold, label: str = "", track: bool = True,
+                 projected: tuple[torch.Tensor, float] | None = None) -> float:
+    """Turn ``p`` into a manifold parameter on ``m`` in place; relative distance moved."""
+    target, moved = projected if projected is not None else _projection(m, p)
+    with torch.no_grad():
         changed = not (_is_kernel(p) and _manifold_key(p.manifold) == _manifold_key(m))
         if type(p) is not ManifoldParameter:
             p.__class__ = ManifoldParameter
@@ -694,18 +701,27 @@ def constrain(model: nn.Module, spec: Spec, *, on_invalid: str = "raise",
         raise _fail("constrain: nothing was converted; these kernels cannot be put on their "
                     "manifolds as asked:", errors + shape_errors, hint)
 
+    # every projection is computed before the model is touched: a failure changes nothing
+    projected = [None if m is None else _projection(m, members[0][1].weight)
+                 for members, p, m, _entry in plan]
+    bad = [entry.name for (_, _, m, entry), pr in zip(plan, projected, strict=True)
+           if pr is not None and not bool(torch.isfinite(pr[0]).all())]
+    if bad:
+        raise ValueError(f"constrain: the projection of layer(s) {', '.join(bad)} is not "
+                         "finite (the weight's scale overflows its dtype); nothing was "
+                         "converted: rescale or cast the weights first")
     for members, p, m, _entry in plan:
         if p is None and m is not None:  # parametrized="remove": the computed weight
             _remove_parametrization(members[0][1])  # becomes the module's parameter
     holders = _holders(model)
-    for members, p, m, entry in plan:
+    for (members, p, m, entry), pr in zip(plan, projected, strict=True):
         p = members[0][1]._parameters.get("weight")
         if m is None:
             if isinstance(p, ManifoldParameter):
                 _to_euclidean(p, _key(entry.name))
                 _sync_modules(holders, p, None)
             continue
-        entry.moved = _to_manifold(p, m, _key(entry.name))
+        entry.moved = _to_manifold(p, m, _key(entry.name), projected=pr)
         _sync_modules(holders, p, m)
     _install_load_hooks(model)
     return ConstrainReport(entries)
