@@ -523,6 +523,13 @@ def _describe(p, shape) -> str:
     return "euclidean"
 
 
+def _check_model(model, who: str) -> None:
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"{who}: model must be a torch.nn.Module, got {type(model).__name__}"
+                        + ("; to load a state dict use kernelgeo.load_state_dict(model, sd)"
+                           if isinstance(model, Mapping) else ""))
+
+
 def _fail(header: str, errors: list[str], hint: str = "") -> ValueError:
     shown = errors[:_MAX_LINES]
     more = [f"... and {len(errors) - _MAX_LINES} more"] if len(errors) > _MAX_LINES else []
@@ -596,6 +603,7 @@ def constrain(model: nn.Module, spec: Spec, *, on_invalid: str = "raise",
     geometry of the selected kernels in place; an optimizer's state for a kernel whose
     geometry changed is discarded at its next step (:class:`OptimizerStateResetWarning`).
     """
+    _check_model(model, "constrain")
     if on_invalid not in ("raise", "skip"):
         raise ValueError(f"on_invalid must be 'raise' or 'skip', got {on_invalid!r}")
     if parametrized not in ("raise", "skip", "remove"):
@@ -753,6 +761,7 @@ def unconstrain(model: nn.Module, layers: str | Iterable[str] | None = None) -> 
     ValueError
         A glob that matches no module holding a kernel (nothing is changed).
     """
+    _check_model(model, "unconstrain")
     globs = None if layers is None else ([layers] if isinstance(layers, str) else list(layers))
     owners = _owners(model)
     holding = []

@@ -433,6 +433,14 @@ def test_unusable_weights_refused(case):
     assert not isinstance(model[2].weight, ManifoldParameter)
 
 
+def test_not_a_module_refused():
+    sd = _net().state_dict()
+    with pytest.raises(TypeError, match="must be a torch.nn.Module, got OrderedDict.*load_state"):
+        kernelgeo.constrain(sd, "sphere")
+    with pytest.raises(TypeError, match="unconstrain: model must be a torch.nn.Module"):
+        kernelgeo.unconstrain([nn.Conv2d(3, 4, 3)])
+
+
 def test_double_precision_kernels():
     model = _net(torch.float64)
     kernelgeo.constrain(model, "stiefel")
