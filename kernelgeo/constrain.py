@@ -19,11 +19,12 @@ the kernel, and a Riemannian one (:class:`~kernelgeo.optim.ConvergentRSGD`,
 (``torch.optim.SGD``) would move the kernel off its manifold.  Tied weights (one tensor used
 by several modules) stay tied: they become one manifold parameter.
 :func:`unconstrain` turns manifold parameters back into plain parameters, keeping values,
-identity and keys.  When either changes the geometry of a kernel that an optimizer already
-holds state for (momentum built for the old manifold, or Euclidean momentum), that state is
-discarded at the optimizer's next step, with an :class:`OptimizerStateResetWarning`: it
-would not be tangent to the new manifold, and per-block buffers would not match the new
-manifold's blocks.
+identity and keys.  When either changes the geometry of a kernel, the state that optimizers
+hold for it (momentum built for the old manifold, or Euclidean momentum) is discarded, with
+an :class:`OptimizerStateResetWarning`: it would not be tangent to the new manifold, and
+per-block buffers would not match the new manifold's blocks.  This covers every optimizer
+that has taken a step since kernelgeo was imported (a global optimizer step pre-hook keeps
+a weak reference to each); state loaded afterwards, as when a run resumes, is kept.
 
 Loading a state dict into a constrained model (``model.load_state_dict`` or any of its
 submodules) goes through a pre-hook installed by :func:`constrain` that checks every kernel
@@ -35,7 +36,6 @@ projected onto it, with a :class:`KernelProjectionWarning`.
 from __future__ import annotations
 
 import fnmatch
-import itertools
 import math
 import os
 import re
@@ -429,47 +429,39 @@ class OptimizerStateResetWarning(UserWarning):
     :func:`unconstrain` changed the kernel's geometry after the state was built."""
 
 
-# Kernels whose geometry changed: id -> (weak reference, version, state_dict key).  Optimizer
-# state built for the old geometry (momentum per block of the old manifold, Euclidean
-# momentum off the tangent space) is wrong for the new one, and ConvergentRSGD indexes its
-# per-block buffers by the manifold's blocks: a global optimizer step pre-hook drops that
-# state at each optimizer's next step.
-_CHANGED: dict[int, tuple[weakref.ref, int, str]] = {}
-_VERSIONS = itertools.count(1)
-_STEP_HOOK = []
+# Optimizers that have taken a step since kernelgeo was imported (weakly held).  When
+# constrain/unconstrain changes a kernel's geometry, the state these optimizers hold for it
+# was built for the old geometry (momentum per block of the old manifold, or Euclidean
+# momentum off the tangent space): ConvergentRSGD would index per-block buffers by the new
+# manifold's blocks.  That state is discarded at the change; state loaded or built later is
+# kept (a resumed run loads its optimizer state after constrain).
+_OPTIMIZERS: weakref.WeakSet = weakref.WeakSet()
 
 
-def _geometry_changed(p, label: str) -> None:
-    _CHANGED.pop(id(p), None)  # re-inserted last: warnings list kernels in change order
-    _CHANGED[id(p)] = (weakref.ref(p), next(_VERSIONS), label)
-    if not _STEP_HOOK:
-        _STEP_HOOK.append(register_optimizer_step_pre_hook(
-            _drop_stale_state))
+def _seen_optimizer(optimizer, args, kwargs) -> None:
+    _OPTIMIZERS.add(optimizer)
 
 
-def _drop_stale_state(optimizer, args, kwargs) -> None:
-    if not _CHANGED:
+register_optimizer_step_pre_hook(_seen_optimizer)
+
+
+def _drop_optimizer_state(changed: list[tuple[torch.Tensor, str]]) -> None:
+    """Discard every tracked optimizer's state for the kernels in ``changed``."""
+    if not changed:
         return
-    seen = optimizer.__dict__.setdefault("_kernelgeo_seen", {})
-    dropped = []
-    for pid, (ref, version, label) in list(_CHANGED.items()):
-        p = ref()
-        if p is None:
-            _CHANGED.pop(pid, None)
+    for opt in list(_OPTIMIZERS):
+        state = getattr(opt, "state", None)
+        if not isinstance(state, dict):
             continue
-        if seen.get(pid) == version:
-            continue
-        seen[pid] = version
-        if p in optimizer.state:
-            if optimizer.state[p]:
-                dropped.append(label or f"shape {tuple(p.shape)}")
-            del optimizer.state[p]
-    if dropped:
-        warnings.warn(
-            f"{type(optimizer).__name__}: the state (momentum) of {', '.join(dropped)} was "
-            "built before kernelgeo.constrain/unconstrain changed their geometry and has been "
-            "discarded; their momentum restarts from zero", OptimizerStateResetWarning,
-            stacklevel=_user_stacklevel())
+        dropped = [label or f"shape {tuple(p.shape)}" for p, label in changed if state.get(p)]
+        for p, _ in changed:
+            state.pop(p, None)
+        if dropped:
+            warnings.warn(
+                f"{type(opt).__name__}: its state (momentum) for {', '.join(dropped)} was "
+                "built for their previous geometry and has been discarded; their momentum "
+                "restarts from zero", OptimizerStateResetWarning,
+                stacklevel=_user_stacklevel())
 
 
 def _projection(m: KernelManifold, w: torch.Tensor) -> tuple[torch.Tensor, float]:
@@ -481,9 +473,11 @@ def _projection(m: KernelManifold, w: torch.Tensor) -> tuple[torch.Tensor, float
     return target, moved
 
 
-def _to_manifold(p: nn.Parameter, m: KernelManifold, label: str = "", track: bool = True,
+def _to_manifold(p: nn.Parameter, m: KernelManifold, label: str = "",
+                 changes: list | None = None,
                  projected: tuple[torch.Tensor, float] | None = None) -> float:
-    """Turn ``p`` into a manifold parameter on ``m`` in place; relative distance moved."""
+    """Turn ``p`` into a manifold parameter on ``m`` in place; relative distance moved.
+    ``(p, label)`` is appended to ``changes`` when the geometry of ``p`` changed."""
     target, moved = projected if projected is not None else _projection(m, p)
     with torch.no_grad():
         changed = not (_is_kernel(p) and _manifold_key(p.manifold) == _manifold_key(m))
@@ -493,17 +487,18 @@ def _to_manifold(p: nn.Parameter, m: KernelManifold, label: str = "", track: boo
         # a new storage: optimizers that cache views of their parameters (ConvergentRSGD's
         # batched plans are keyed on data_ptr) rebuild them and see the manifold
         p.data = target
-    if changed and track:
-        _geometry_changed(p, label)
+    if changed and changes is not None:
+        changes.append((p, label))
     return moved
 
 
-def _to_euclidean(p: ManifoldParameter, label: str = "") -> None:
+def _to_euclidean(p: ManifoldParameter, label: str = "", changes: list | None = None) -> None:
     with torch.no_grad():
         p.__class__ = nn.Parameter
         p.__dict__.pop("manifold", None)
         p.data = p.data.clone()  # new storage, as in _to_manifold
-    _geometry_changed(p, label)
+    if changes is not None:
+        changes.append((p, label))
 
 
 def _sync_modules(holders: dict, p, m: KernelManifold | None) -> None:
@@ -600,8 +595,8 @@ def constrain(model: nn.Module, spec: Spec, *, on_invalid: str = "raise",
     ``state_dict`` key and its shape.  Half-precision kernels (float16, bfloat16) are
     projected in float32 and rounded once, so they sit on their manifold to within the
     rounding of their dtype.  Calling :func:`constrain` again re-projects or changes the
-    geometry of the selected kernels in place; an optimizer's state for a kernel whose
-    geometry changed is discarded at its next step (:class:`OptimizerStateResetWarning`).
+    geometry of the selected kernels in place; optimizers' state for a kernel whose geometry
+    changed is discarded (:class:`OptimizerStateResetWarning`).
     """
     _check_model(model, "constrain")
     if on_invalid not in ("raise", "skip"):
@@ -721,17 +716,18 @@ def constrain(model: nn.Module, spec: Spec, *, on_invalid: str = "raise",
     for members, p, m, _entry in plan:
         if p is None and m is not None:  # parametrized="remove": the computed weight
             _remove_parametrization(members[0][1])  # becomes the module's parameter
-    holders = _holders(model)
+    holders, changes = _holders(model), []
     for (members, p, m, entry), pr in zip(plan, projected, strict=True):
         p = members[0][1]._parameters.get("weight")
         if m is None:
             if isinstance(p, ManifoldParameter):
-                _to_euclidean(p, _key(entry.name))
+                _to_euclidean(p, _key(entry.name), changes)
                 _sync_modules(holders, p, None)
             continue
-        entry.moved = _to_manifold(p, m, _key(entry.name), projected=pr)
+        entry.moved = _to_manifold(p, m, _key(entry.name), changes, projected=pr)
         _sync_modules(holders, p, m)
     _install_load_hooks(model)
+    _drop_optimizer_state(changes)
     return ConstrainReport(entries)
 
 
@@ -778,7 +774,7 @@ def unconstrain(model: nn.Module, layers: str | Iterable[str] | None = None) -> 
                              f"modules with manifold kernels: {', '.join(have) or '(none)'}; "
                              "nothing was changed")
         holding = [h for h in holding if any(fnmatch.fnmatchcase(h[0], g) for g in globs)]
-    entries, done, holders = [], set(), _holders(model)
+    entries, done, holders, changes = [], set(), _holders(model), []
     for name, mod, pname, p in holding:
         if id(p) in done:
             continue
@@ -789,13 +785,14 @@ def unconstrain(model: nn.Module, layers: str | Iterable[str] | None = None) -> 
         label = name if pname == "weight" else key
         if _is_kernel(p):
             was = p.manifold.describe(shape)
-            _to_euclidean(p, key)
+            _to_euclidean(p, key, changes)
             _sync_modules(holders, p, None)
             entries.append(LayerEntry(label, type(mod).__name__, shape, "euclidean", p.numel(),
                                       "euclidean", f"was {was}", aliases=aliases))
         else:
             entries.append(LayerEntry(label, type(mod).__name__, shape, "euclidean", p.numel(),
                                       "euclidean", "already euclidean", aliases=aliases))
+    _drop_optimizer_state(changes)
     return ConstrainReport(entries)
 
 

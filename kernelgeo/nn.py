@@ -65,7 +65,7 @@ class ManifoldConvMixin:
         if problem:
             raise ValueError(f"{where} ({self.weight.dtype}): {problem}")
         self.manifold = m
-        _to_manifold(self.weight, m, track=False)  # no optimizer holds it yet
+        _to_manifold(self.weight, m)
         _install_load_hooks(self)
 
     def reset_parameters(self) -> None:

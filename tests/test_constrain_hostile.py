@@ -210,16 +210,19 @@ def test_optimizer_built_before_constrain_keeps_training_the_kernels(stepped):
         model(x).square().mean().backward()
         opt.step()
         opt.zero_grad()
-    kernelgeo.constrain(model, {"0": "sphere", "2": "stiefel"})
+        # that momentum is not tangent to the manifolds: dropped, with a warning
+        with pytest.warns(kernelgeo.OptimizerStateResetWarning, match=r"0\.weight, 2\.weight"):
+            kernelgeo.constrain(model, {"0": "sphere", "2": "stiefel"})
+        assert not opt.state[w0] and opt.state[model[0].bias]  # Euclidean state kept
+    else:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", kernelgeo.OptimizerStateResetWarning)
+            kernelgeo.constrain(model, {"0": "sphere", "2": "stiefel"})
     assert model[0].weight is w0 and opt.param_groups[0]["params"][0] is w0
     before = [model[i].weight.detach().clone() for i in (0, 2)]
-    for k in range(3):
+    for _ in range(3):
         model(x).square().mean().backward()
-        if stepped and k == 0:  # its Euclidean momentum is not tangent: dropped, with a warning
-            with pytest.warns(kernelgeo.OptimizerStateResetWarning, match="0.weight, 2.weight"):
-                opt.step()
-        else:
-            opt.step()
+        opt.step()
         opt.zero_grad()
     for i, b in zip((0, 2), before, strict=True):
         w = model[i].weight
@@ -244,13 +247,13 @@ def test_geometry_change_after_momentum_steps_resets_that_state(first, then, bat
 
     step()
     step()
-    kernelgeo.constrain(model, then)
     # momentum built for the old blocks would be indexed by the new ones: it is dropped,
-    # with a warning naming the kernels, and only at this optimizer's first step
+    # with a warning naming the kernels
     with pytest.warns(kernelgeo.OptimizerStateResetWarning, match=r"0\.weight, 2\.weight"):
-        step()
+        kernelgeo.constrain(model, then)
     with warnings.catch_warnings():
         warnings.simplefilter("error", kernelgeo.OptimizerStateResetWarning)
+        step()
         step()
         step()
     assert kernelgeo.constraint_error(model) < 1e-5
@@ -260,6 +263,31 @@ def test_geometry_change_after_momentum_steps_resets_that_state(first, then, bat
     with warnings.catch_warnings():
         warnings.simplefilter("error", kernelgeo.OptimizerStateResetWarning)
         step()
+
+
+def test_resumed_optimizer_state_loaded_after_constrain_is_kept():
+    model = _net()
+    kernelgeo.constrain(model, "po:sphere+stiefel")
+    opt = ConvergentRSGD(model.parameters(), lr=0.05, momentum=0.9)
+    for _ in range(2):
+        opt.zero_grad()
+        model(_x()).square().mean().backward()
+        opt.step()
+    ckpt = copy.deepcopy({"model": model.state_dict(), "opt": opt.state_dict()})
+    # a resumed run: fresh model, constrain, fresh optimizer, then the loads
+    model2 = _net()
+    kernelgeo.constrain(model2, "po:sphere+stiefel")
+    opt2 = ConvergentRSGD(model2.parameters(), lr=0.05, momentum=0.9)
+    model2.load_state_dict(ckpt["model"])
+    opt2.load_state_dict(ckpt["opt"])
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", kernelgeo.OptimizerStateResetWarning)
+        for m, o in ((model, opt), (model2, opt2)):
+            o.zero_grad()
+            m(_x()).square().mean().backward()
+            o.step()
+    for p, q in zip(model.parameters(), model2.parameters(), strict=True):
+        torch.testing.assert_close(p.detach(), q.detach(), rtol=0, atol=0)
 
 
 def test_optimizer_built_after_the_change_keeps_its_state():
