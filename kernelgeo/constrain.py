@@ -458,9 +458,9 @@ def _drop_optimizer_state(changed: list[tuple[torch.Tensor, str]]) -> None:
             state.pop(p, None)
         if dropped:
             warnings.warn(
-                f"{type(opt).__name__}: its state (momentum) for {', '.join(dropped)} was "
-                "built for their previous geometry and has been discarded; their momentum "
-                "restarts from zero", OptimizerStateResetWarning,
+                f"{type(opt).__name__}: the state (momentum) it held for {', '.join(dropped)} "
+                "was built for the previous geometry of these kernels and has been discarded; "
+                "their momentum restarts from zero", OptimizerStateResetWarning,
                 stacklevel=_user_stacklevel())
 
 
