@@ -351,3 +351,31 @@ def test_bad_hyperparameters_and_sparse_gradients(gen):
     e(torch.tensor([1])).sum().backward()
     with pytest.raises(RuntimeError, match="sparse"):
         RiemannianAdam(e.parameters()).step()
+
+
+def test_docstring_examples_run():
+    import doctest
+
+    import kernelgeo.optim.adam as mod
+
+    res = doctest.testmod(mod, optionflags=doctest.ELLIPSIS)
+    assert res.attempted > 0 and res.failed == 0
+
+
+def test_one_batched_retraction_per_class(gen, monkeypatch):
+    """Kernels with the same geometry and component shape share one call of each batched
+    primitive per step (no loop over kernels or rows)."""
+    calls = []
+    for cls in (Sphere, Stiefel):
+        orig = cls._bretr
+        monkeypatch.setattr(cls, "_bretr",
+                            lambda self, x, u, r, _o=orig: calls.append(x.shape) or _o(self, x,
+                                                                                      u, r))
+    ps = [_kernel(Sphere(), (4, 2, 3, 3), gen) for _ in range(3)] + \
+         [_kernel(Sphere(), (5, 1, 3, 3), gen)] + \
+         [_kernel(Stiefel(), (3, 2, 3, 3), gen) for _ in range(2)]
+    opt = RiemannianAdam(ps, lr=0.01)
+    _feed(ps, gen)
+    opt.step()
+    # sphere rows of length 18 (12 rows), of length 9 (5 rows), Stiefel frames St(18, 3) (2)
+    assert sorted(tuple(s) for s in calls) == [(2, 18, 3), (5, 9), (12, 18)]
