@@ -133,8 +133,10 @@ class AnalysisScript(Directive):
         mds = sorted(out.glob("*.md"))
         for md in mds:
             lines += [f"**{shown_out}/{md.name}**, as written:", ""]
-            text = md.read_text()
-            lines += md_to_rst(text, top_level=2, image_dir=rel).splitlines() + [""]
+            # the file's title repeats the section's; its "##" sections go one level down
+            text = "\n".join(ln for ln in md.read_text().splitlines()
+                              if not ln.startswith("# "))
+            lines += md_to_rst(text, top_level=1, image_dir=rel).splitlines() + [""]
         shown = {ln.split("(", 1)[1].split(")", 1)[0] for md in mds
                  for ln in md.read_text().splitlines() if ln.startswith("![")}
         for png in sorted(out.glob("*.png")):
