@@ -361,9 +361,14 @@ class RiemannianAdam(torch.optim.Optimizer):
         else:
             base = v_new
         denom = torch._foreach_sqrt(base)
-        torch._foreach_div_(denom, [math.sqrt(c) for c in bc2])
-        torch._foreach_add_(denom, eps)
-        x_new = torch._foreach_addcdiv(xs, m_new, denom, [-lr / c for c in bc1])
+        if len(set(bc1)) == 1:  # the usual case: one scalar, no per-tensor scalar list
+            torch._foreach_div_(denom, math.sqrt(bc2[0]))
+            torch._foreach_add_(denom, eps)
+            x_new = torch._foreach_addcdiv(xs, m_new, denom, -lr / bc1[0])
+        else:
+            torch._foreach_div_(denom, [math.sqrt(c) for c in bc2])
+            torch._foreach_add_(denom, eps)
+            x_new = torch._foreach_addcdiv(xs, m_new, denom, [-lr / c for c in bc1])
         for group_list in (zip(xs, x_new, strict=True), zip(ms, m_new, strict=True),
                            zip(vs, v_new, strict=True)):
             writes.extend(group_list)
@@ -407,7 +412,13 @@ class RiemannianAdam(torch.optim.Optimizer):
             denom = base.div(c2).sqrt_().add_(eps)
             scale = (-lr / c1) / denom
         d = m * scale.view((-1,) + (1,) * (m.dim() - 1))
-        xn = m0._bretr(x, d, r)
+        if _bt._is_fast_sphere(m0):
+            # the sphere's retraction r (x + d)/|x + d| without projx's guards against zero
+            # and overflowing rows: |x + d|^2 = r^2 + |d|^2 for a tangent d
+            y = m0._center(x + d)
+            xn = y.mul_(r / torch.linalg.vector_norm(y, dim=-1, keepdim=True))
+        else:
+            xn = m0._bretr(x, d, r)
         mn = m0._btransp(x, xn, m, r)
         xs, ms = xn.split([mem.n for mem in members]), mn.split([mem.n for mem in members])
         vs = v.split([mem.n for mem in members])
