@@ -16,7 +16,7 @@ step), single-threaded.  The three run in lockstep (one step of each in turn on 
 batch), so that their timings see the same machine load.
 
 With ``--resnet20 GEOMETRY``: instead, the time of one ``step()`` of each optimizer on the
-parameters of ResNet-20 (19 kernels on GEOMETRY, random gradients), in alternating rounds.
+parameters of ResNet-20 (its kernels on GEOMETRY, random gradients), in alternating rounds.
 
     python bench/adam_digits.py [--steps 400] [--seeds 0 1 2] [--lr 0.01]
         [--geometry mixed|stiefel] [--resnet20 sphere]

@@ -27,7 +27,8 @@ Batching: kernels (and blocks of product kernels) whose manifolds have the same
 :meth:`~kernelgeo.manifolds.KernelManifold.batch_key` (geometry, component shape, radius,
 retraction), dtype and device form one *class*; a step concatenates the canonical layouts
 (``to_batch``) of the class's points, gradients and first moments and runs the batched
-primitives (``_bproju``, ``_binner``, ``_bretr``, ``_btransp``) once per class.  Plain
+primitives (``_bproju``, ``_binner``, ``_bretr``, ``_btransp``) once per class (sphere-like
+classes retract by one normalisation, :math:`r(x+d)/\|x+d\|`).  Plain
 parameters (and kernelgeo/geoopt Euclidean manifold parameters) follow
 :class:`torch.optim.Adam` (L2 weight decay, ``foreach`` ops), with its state layout.
 
