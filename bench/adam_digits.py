@@ -6,8 +6,8 @@ same number of steps by
 
 * ``kernelgeo``: :class:`kernelgeo.optim.RiemannianAdam` (one second moment per component);
 * ``geoopt``: :class:`geoopt.optim.RiemannianAdam` on the same manifold parameters (it asks
-  the manifold for ``component_inner``, which kernelgeo's manifolds answer elementwise: an
-  elementwise second moment, followed by the retraction);
+  the manifold for ``component_inner``, which kernelgeo's manifolds answer per component, so
+  it runs the same algorithm one kernel at a time);
 * ``torch``: :class:`torch.optim.Adam` on the unconstrained network (a reference point).
 
 Printed per optimizer and seed: final test error, mean training loss of the last 20 steps,

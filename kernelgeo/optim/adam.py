@@ -158,8 +158,8 @@ class RiemannianAdam(torch.optim.Optimizer):
     The only difference to geoopt's :class:`geoopt.optim.RiemannianAdam` on manifolds whose
     ``component_inner`` returns one value per component (geoopt's ``Sphere`` on a
     ``(rows, n)`` tensor, ``Stiefel`` on ``(G, n, p)``) is the batching: the iterates agree
-    (tested).  geoopt calls ``component_inner`` of the kernel manifolds, which is elementwise,
-    so geoopt's optimizer on kernelgeo parameters keeps an elementwise second moment.
+    (tested).  kernelgeo's manifolds answer ``component_inner`` per component too, so geoopt's
+    optimizer on kernelgeo parameters runs the same algorithm, one kernel at a time.
 
     Examples
     --------
