@@ -19,8 +19,7 @@ import torch
 import kernelgeo
 from kernelgeo._compat import geoopt
 from kernelgeo.manifolds import Stiefel, get_manifold
-from kernelgeo.optim import ConvergentRSGD, NonFiniteGradientError, native
-from kernelgeo.optim.rsgd import StepOverflowError
+from kernelgeo.optim import ConvergentRSGD, NonFiniteGradientError, StepOverflowError, native
 
 GEOMS = {"sphere": "sphere", "centered-sphere": "centered-sphere", "oblique": "oblique",
          "oblique-slice": "oblique-slice", "stiefel": "stiefel",

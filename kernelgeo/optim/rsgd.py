@@ -137,8 +137,9 @@ class ConvergentRSGD(RiemannianSGD):
         self-normalising, so this only removes slow float drift.
     nonfinite : {"raise", "skip"}
         On a NaN/Inf gradient raise :class:`NonFiniteGradientError` naming the parameters
-        (default), or skip the whole step (counted in :attr:`skipped_steps`).  Weights and
-        buffers are untouched either way.
+        (default), and on a step whose new values overflow the parameters' dtype
+        :class:`StepOverflowError`; or skip the whole step (counted in
+        :attr:`skipped_steps`).  Weights and buffers are untouched either way.
     decay_manifold : bool
         Apply weight decay to curved kernels too (see above).
     batched : bool
@@ -169,7 +170,31 @@ class ConvergentRSGD(RiemannianSGD):
     block's own shape, tangent at the current point); groups count ``step``.  The fast path
     updates most buffers in place through views; for oblique columns it works on a copy in a
     structure-of-arrays layout and refreshes the state tensors after every step (see
-    :mod:`~kernelgeo.optim.batched`): to change buffers, use :meth:`load_state_dict`.
+    :mod:`~kernelgeo.optim.batched`): to change buffers, use :meth:`load_state_dict`, which
+    refuses (naming the parameter, nothing loaded) a state whose momentum has another block
+    structure or shape, or holds NaN/Inf, and projects loaded kernel momentum onto the
+    tangent space at the current point.
+
+    A step completes for every parameter or changes none.  Hyper-parameters must be finite
+    (``lr >= 0``, ``0 <= momentum < 1``, ``0 <= dampening <= 1``, ``weight_decay >= 0``;
+    ``lr`` is checked again at every step, as schedulers change it).  The fast path writes
+    in place, so it runs only when nothing in it can overflow: a pre-pass (one read of
+    every gradient, in C for the fused kernels) bounds the 2-norms of the gradients, and
+    tracked upper bounds of the buffers' and parameters' norms (measured in float64 after
+    :meth:`load_state_dict` or when exceeded) bound every squared or multiplied quantity
+    (below about :math:`\sqrt{\text{float max}}/64`: 3e17 in float32).  Other steps (huge
+    finite gradients or learning rates) take the reference path, which computes every new
+    value in float64 into temporaries, with gradients and buffers divided by their largest
+    entry and the retraction's argument by :math:`\max(1, \|g_k d_k\|/r)` (sphere and
+    Stiefel retractions are invariant to positive scaling), so that the step keeps its
+    direction and the rule's length; the values are written only when all are finite in
+    the parameters' dtype.  Writing into the state tensors between steps bypasses the
+    tracked bounds.  The Stiefel fast path reads the Cholesky factorisation's status and
+    uses Householder QR (the same retraction) when it failed or when a step is longer than
+    :math:`3r` (Cholesky-QR then loses orthogonality); this costs one synchronisation per
+    Stiefel chunk.  Half precision (float16/bfloat16): torch has no half-precision
+    Cholesky, QR or SVD on the CPU, so the retractions that factorise compute in float32
+    and round the result to the parameter's dtype (the reference path works in float64).
 
     Examples
     --------
