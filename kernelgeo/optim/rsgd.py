@@ -659,9 +659,9 @@ class ConvergentRSGD(RiemannianSGD):
     def _step_batched(self) -> bool:
         """The fast path, after a pre-pass that makes it safe.
 
-        The pre-pass reads every gradient once (largest ``|entry|``, NaN if one is not
-        finite; in C for the fused kernels' gradients) and bounds, from it and from tracked
-        bounds of the momentum buffers and Euclidean parameters, every quantity the update
+        The pre-pass reads every gradient once (a bound of its 2-norm, not finite if an
+        entry is not; in C for the fused kernels' gradients) and bounds, from it and from
+        tracked bounds of the momentum buffers and parameters, every quantity the update
         squares or multiplies (:meth:`_fast_is_safe`).  Steps within the bounds (every
         realistic one) cannot overflow and run batched, writing in place; the others take
         the reference path (:meth:`_step_reference`), which computes everything in
