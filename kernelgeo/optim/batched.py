@@ -637,6 +637,7 @@ class Hyper:
     dampening: float
     nesterov: bool
     wd: float  # applied to the manifold gradient (decay_manifold or flat factor)
+    short: bool = False  # every step is known (host-side bound) to be at most 3r long
 
 
 def _momentum(chunk: Chunk, u: torch.Tensor, h: Hyper) -> torch.Tensor:
@@ -724,8 +725,9 @@ def stiefel_apply(chunk: Chunk, x, gt, a, h: Hyper, stats: list | None):
     low, info = torch.linalg.cholesky_ex(gram)
     # Cholesky-QR loses orthogonality like eps * cond(M^T M) <= eps * (1 + (g|d|/r)^2): a
     # failed factorisation or a long step (huge learning rate, rule "none") takes Householder
-    # QR instead (one synchronisation per chunk)
-    if bool(info.any() | ((step * rn).max() > 3.0 * lay.r)):
+    # QR instead (one synchronisation per chunk, unless the optimizer's bounds show that
+    # every step is short: then M^T M has condition <= 10 and the factorisation succeeds)
+    if not h.short and bool(info.any() | ((step * rn).max() > 3.0 * lay.r)):
         xn = (lay.r * _qf(wm.mT / lay.r)).mT
     else:
         # L^{-1} M as (M^T L^{-T})^T: on the transposed views the solve runs on column-major

@@ -246,6 +246,7 @@ class ConvergentRSGD(RiemannianSGD):
         self._schedule_ok = None
         self._warned_foreign = False
         self._bound = None  # magnitude bounds of the fast path's pre-pass (None: measure)
+        self._dbound = math.inf  # bound of every direction's norm in the last fast step
         # skip RiemannianSGD.__init__ (fixed defaults); OptimMixin -> Optimizer
         super(RiemannianSGD, self).__init__(params, defaults, stabilize=stabilize)
 
@@ -266,6 +267,7 @@ class ConvergentRSGD(RiemannianSGD):
         self.last_stats = []
         self._plan = self._plan_sig = self._plan_native = self._native_cache = None
         self._bound = None
+        self._dbound = math.inf
 
     def add_param_group(self, param_group: dict):
         rule = param_group.get("step_rule", self.defaults["step_rule"])
@@ -668,9 +670,12 @@ class ConvergentRSGD(RiemannianSGD):
         temporaries before writing, so a step either completes for every parameter or
         changes none.
         """
-        self._check_sparse()
         plans = self._get_plan()
-        gnorm, keep = self._prepass(plans)
+        try:
+            gnorm, keep = self._prepass(plans)
+        except (RuntimeError, NotImplementedError, ValueError):
+            self._check_sparse()  # the usual cause: name the parameter
+            raise
         if not gnorm < math.inf:  # some gradient is not finite, or its sum of squares overflows
             bad = self._find_bad()
             if bad:
@@ -688,6 +693,7 @@ class ConvergentRSGD(RiemannianSGD):
             for ch in gp.chunks:
                 x, g, inplace = bt.gather(ch, _grad)
                 h = self._hyper(group, ch)
+                h.short = float(group["lr"]) * self._dbound <= 3.0 * ch.layout.r
                 if ch.kind == "sphere":
                     g, c = bt.sphere_prepare(ch, x, g)
                 elif ch.kind == "stiefel":
@@ -733,21 +739,29 @@ class ConvergentRSGD(RiemannianSGD):
         (the returned list keeps alive the copies made for them)."""
         keep: list = []
         out = 0.0
-        torch_ts: list = []
-        c_ts: list = []
+        cache = getattr(self, "_prepass_cache", None)
+        if cache is None or cache[0] is not plans:
+            eu, other = [], []  # parameters whose gradients are read by C / by torch
+            for group, gp in zip(self.param_groups, plans, strict=True):
+                ps = group["params"]
+                eu.extend(ps[i] for i in gp.euclid)
+                seen = set()
+                for ch in gp.chunks:
+                    for mem in ch.members:
+                        if id(mem.param) not in seen:
+                            seen.add(id(mem.param))
+                            other.append(mem.param)
+                other.extend(ps[i] for i in gp.foreign)
+            cache = self._prepass_cache = (plans, eu, other)
+        _, eu, other = cache
         c_ok = self._use_native()
-        for group, gp in zip(self.param_groups, plans, strict=True):
-            ps = group["params"]
-            for i in gp.euclid:
-                g = ps[i].grad
-                (c_ts if c_ok and _native_checkable(g) else torch_ts).append(g)
-            seen = set()
-            for ch in gp.chunks:
-                for mem in ch.members:
-                    if id(mem.param) not in seen:
-                        seen.add(id(mem.param))
-                        torch_ts.append(mem.param.grad)
-            torch_ts.extend(ps[i].grad for i in gp.foreign)
+        torch_ts = [p.grad for p in other]
+        c_ts = []
+        for p in eu:
+            g = p.grad
+            (c_ts if c_ok and _native_checkable(g) else torch_ts).append(g)
+        if any(g.layout != torch.strided for g in torch_ts):
+            self._check_sparse()  # (the fused kernels' gradients: their strides raise below)
         for _group, dtype, mems, arr, _ in self._native_work(plans):
             keep.extend(self._native_bind(_group, dtype, mems, arr))
             # the largest entry bounds a component's norm up to sqrt(its numel)
@@ -829,6 +843,7 @@ class ConvergentRSGD(RiemannianSGD):
             ok = max(gam, beta, d, rmax + lrm * d) <= sq and bnd["x"] + lrm * d <= fmax / 4
             if ok:
                 self._bound = {"beta": beta, "x": bnd["x"] + lrm * d}
+                self._dbound = d * mult
             return ok
 
         if within(self._bound):
@@ -1056,7 +1071,8 @@ def _compiling() -> bool:
 
 
 def _native_checkable(g: torch.Tensor) -> bool:
-    return g.is_cpu and g.dtype in _native.DTYPES and g.is_contiguous()
+    return g.layout == torch.strided and g.is_cpu and g.dtype in _native.DTYPES and \
+        g.is_contiguous()
 
 
 def _norm_bound(ts: list[torch.Tensor], small: int = 1 << 14) -> float:
