@@ -345,9 +345,11 @@ class ConvergentRSGD(RiemannianSGD):
             if st.get("momentum_buffer") is not None:
                 check(st["momentum_buffer"], p.shape, "momentum_buffer")
 
-    def _tangent_momentum(self) -> None:
+    def _tangent_momentum(self, rtol: float = 1e-4) -> None:
         """Project every kernel's momentum onto the tangent space at the current point (a
-        buffer saved at another point, or for another geometry, is not tangent here)."""
+        buffer saved at another point, or for another geometry, is not tangent here).  A
+        buffer whose normal part is below ``rtol`` of its norm (rounding: the state of this
+        very point) is left as it is, so that a resumed run continues bit for bit."""
         for group in self.param_groups:
             for p in group["params"]:
                 kind, m = bt.classify(p)
@@ -359,7 +361,10 @@ class ConvergentRSGD(RiemannianSGD):
                     if bl[b] is None:
                         continue
                     psub = p if bidx is None or len(blocks) == 1 else p[bidx]
-                    bl[b] = bm.proju(psub.detach(), bl[b]).contiguous()
+                    t = bm.proju(psub.detach(), bl[b])
+                    off = _norm64(t - bl[b])
+                    if off > rtol * _norm64(bl[b]):
+                        bl[b] = t.contiguous()
 
     def set_schedule(self, scheduler) -> bool:
         """Register the LR scheduler used; checks the Robbins–Monro conditions (warns)."""
