@@ -381,9 +381,8 @@ def test_soak_float32_constraint_error_stays_small():
     worst = 0.0
     for t in range(SOAK_STEPS):
         gs = noise[t % 64]
-        for k, p in enumerate(params):
-            # a smooth pull towards a fixed target plus noise: a realistic, bounded gradient
-            p.grad = gs[k] + (p.detach() - gs[(k + 1) % len(params)])
+        for k, p in enumerate(params):  # noise: steps of constant size, the worst for drift
+            p.grad = gs[k]
         opt.step()
         if t % 1000 == 999 or t == SOAK_STEPS - 1:
             errs = [m.constraint_error(p) for m, p in zip(mans, params, strict=True)]
