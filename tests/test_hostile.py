@@ -359,8 +359,8 @@ def test_constraint_error_propagates_nan_and_inf_over_layers_and_blocks():
 
 
 # ---------------------------------------------------------------------------- soak
-#: 1e4 steps (about 15-60 s of one core) in the default slow run; the full soak is
-#: ``KERNELGEO_SOAK_STEPS=100000 pytest -m slow tests/test_hostile.py`` (3-10 min)
+#: 1e4 steps (about 10-15 s of one core) in the default slow run; the full soak is
+#: ``KERNELGEO_SOAK_STEPS=100000 pytest -m slow tests/test_hostile.py`` (about 90 s)
 SOAK_STEPS = int(os.environ.get("KERNELGEO_SOAK_STEPS", "10000"))
 
 
