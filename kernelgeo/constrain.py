@@ -804,9 +804,26 @@ def manifold_parameters(model: nn.Module) -> Iterable[tuple[str, ManifoldParamet
 
 
 def constraint_error(model: nn.Module) -> float:
-    """Largest distance of any manifold parameter of ``model`` from its manifold (0 if none)."""
-    return max((p.manifold.constraint_error(p) for _, p in manifold_parameters(model)),
-               default=0.0)
+    """Largest distance of any manifold parameter of ``model`` from its manifold (0 if none).
+
+    NaN if any entry of any manifold parameter is NaN, else ``inf`` if any is infinite,
+    whatever the other layers or product blocks measure (a corrupted kernel is never hidden
+    behind a finite maximum).
+    """
+    worst = 0.0
+    with torch.no_grad():
+        for _, p in manifold_parameters(model):
+            x = p.detach()
+            if x.numel() and not bool(torch.isfinite(x).all()):
+                if bool(torch.isnan(x).any()):
+                    return math.nan
+                worst = math.inf
+                continue
+            e = float(p.manifold.constraint_error(p))
+            if e != e:
+                return math.nan
+            worst = max(worst, e)
+    return worst
 
 
 def project_(model: nn.Module, *, tol: float = 0.0) -> dict[str, float]:

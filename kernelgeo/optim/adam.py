@@ -44,7 +44,7 @@ import torch
 
 from ..manifolds import Euclidean, KernelManifold, KernelProduct
 from . import batched as _bt
-from .rsgd import NonFiniteGradientError, _all_finite
+from .rsgd import NonFiniteGradientError
 
 __all__ = ["RiemannianAdam"]
 
@@ -454,3 +454,17 @@ class RiemannianAdam(torch.optim.Optimizer):
         xn, mn = man.retr_transp(p.detach(), -group["lr"] * d, m)
         writes.extend([(p.detach(), xn), (st["exp_avg"], mn), (st["exp_avg_sq"], v)])
         owners.extend([(group, i)] * 3)
+
+
+def _all_finite(ts: list[torch.Tensor], small: int = 1 << 14) -> bool:
+    """Whether every entry of ``ts`` is finite, with one synchronisation.
+
+    A sum is finite iff all its terms are, or it overflowed: a false alarm, after which the
+    caller checks the tensors one by one.  Small tensors (BN parameters, biases) are summed
+    after one ``cat`` instead of one kernel call each.
+    """
+    little = [t.reshape(-1) for t in ts if t.numel() <= small]
+    sums = [t.sum() for t in ts if t.numel() > small]
+    if little:
+        sums.append(torch.cat(little).sum())
+    return bool(torch.isfinite(torch.stack(sums)).all())
