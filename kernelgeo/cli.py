@@ -168,8 +168,10 @@ def _add_common(p: argparse.ArgumentParser, *, defaults: dict | None = None) -> 
     g.add_argument("--include-linear", action="store_true",
                    help="also put nn.Linear weights (rows = output units) on the geometry")
     g.add_argument("--optimizer", choices=OPTIMIZERS, default="rsgd",
-                   help="rsgd: kernelgeo ConvergentRSGD; geoopt: geoopt RiemannianSGD; "
-                        "sgd: torch SGD (Euclidean models only) (default: %(default)s)")
+                   help="rsgd: kernelgeo ConvergentRSGD; adam: kernelgeo RiemannianAdam "
+                        "(give a smaller --lr, e.g. 1e-3; --momentum is unused); geoopt: "
+                        "geoopt RiemannianSGD; sgd: torch SGD (Euclidean models only) "
+                        "(default: %(default)s)")
     g.add_argument("--step-rule", choices=STEP_RULES, default=DEFAULT_STEP_RULE,
                    help="step-size rule of ConvergentRSGD: gsgd caps each step's length at "
                         "half the convexity-radius bound (plain Riemannian SGD below it); "

@@ -219,3 +219,17 @@ def test_diverging_run_exits_1_naming_layers(tmp_path, capsys):
                          "--out", str(tmp_path / "r")], capsys)
     assert code == 1 and "non-finite gradient" in err and "conv1.weight" in err
     assert "Traceback" not in err
+
+
+def test_train_with_riemannian_adam_keeps_kernels_and_resumes(tmp_path, capsys):
+    out = tmp_path / "adam"
+    argv = ["train", "--geometry", "stiefel", "--optimizer", "adam", "--lr", "0.03",
+            "--epochs", "2", "--out", str(out), "--quiet"]
+    assert main(argv + ["--stop-after", "1"]) == 0
+    assert main(argv + ["--resume"]) == 0
+    s = json.loads((out / "summary.json").read_text())
+    assert s["epochs_done"] == 2 and s["max_constraint_error"] < 1e-5
+    assert json.loads((out / "config.json").read_text())["optimizer"] == "adam"
+    # the mean training loss falls from the first epoch to the second
+    rows = [json.loads(r) for r in (out / "metrics.jsonl").read_text().splitlines()]
+    assert rows[1]["train_loss"] < rows[0]["train_loss"]

@@ -26,7 +26,7 @@ __all__ = ["ConfigError", "TrainConfig", "OPTIMIZERS", "SCHEDULES", "STEP_RULES"
            "resume_differences"]
 
 #: optimizers of ``--optimizer`` (see :func:`kernelgeo.training.build_optimizer`)
-OPTIMIZERS = ("rsgd", "geoopt", "sgd")
+OPTIMIZERS = ("rsgd", "adam", "geoopt", "sgd")
 #: learning-rate schedules of ``--schedule`` (see :func:`kernelgeo.training.build_scheduler`)
 SCHEDULES = ("cosine", "step", "robbins-monro", "constant")
 #: step-size rules of :class:`kernelgeo.optim.ConvergentRSGD`

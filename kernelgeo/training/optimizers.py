@@ -14,7 +14,7 @@ from torch import nn
 from torch.optim import lr_scheduler as lrs
 
 from .._compat import ManifoldParameter, RiemannianSGD
-from ..optim import ConvergentRSGD, RobbinsMonroLR
+from ..optim import ConvergentRSGD, RiemannianAdam, RobbinsMonroLR
 from .config import OPTIMIZERS, SCHEDULES, ConfigError, TrainConfig
 
 __all__ = ["param_groups", "build_optimizer", "build_scheduler", "LENGTH_DEPENDENT_SCHEDULES"]
@@ -58,14 +58,20 @@ def _geoopt(groups, cfg):
     return RiemannianSGD(groups, lr=cfg.lr, momentum=cfg.momentum, nesterov=cfg.nesterov)
 
 
-_FACTORIES = {"rsgd": _rsgd, "geoopt": _geoopt, "sgd": _sgd}
+def _adam(groups, cfg):
+    # betas are Adam's defaults; --momentum and --nesterov are SGD settings and unused here
+    return RiemannianAdam(groups, lr=cfg.lr)
+
+
+_FACTORIES = {"rsgd": _rsgd, "geoopt": _geoopt, "sgd": _sgd, "adam": _adam}
 
 
 def build_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
     """The optimizer named by ``cfg.optimizer`` over ``model``'s parameters.
 
     ``rsgd`` is :class:`kernelgeo.optim.ConvergentRSGD` (with ``cfg.step_rule``), ``geoopt``
-    is :class:`geoopt.optim.RiemannianSGD`, ``sgd`` is :class:`torch.optim.SGD` (only for
+    is :class:`geoopt.optim.RiemannianSGD`, ``adam`` is :class:`kernelgeo.optim.RiemannianAdam`
+    (default betas; ``cfg.momentum`` unused), ``sgd`` is :class:`torch.optim.SGD` (only for
     models without manifold parameters).  Manifold kernels and Euclidean parameters are two
     parameter groups (:func:`param_groups`) with their own weight decay; parameters are
     passed with their names.
