@@ -1,8 +1,10 @@
 """Imports of third-party packages that need care.
 
 geoopt 0.5.1 decorates functions with ``torch.jit.script``, which recent torch
-releases deprecate with a ``FutureWarning`` at import time; the filter below is
-scoped to that one message so that every other warning still reaches the user.
+releases deprecate with a ``FutureWarning`` at import time; so does torch's own module of
+forward-mode AD decompositions, which ``torch.func.jvp`` (used by the analysis) loads on
+first use.  The filter below is scoped to that one message and to these imports, so that
+every other warning still reaches the user.
 geomstats is imported lazily because it changes torch's default dtype.
 """
 
@@ -22,6 +24,11 @@ with warnings.catch_warnings():
     from geoopt import ManifoldParameter, ManifoldTensor  # noqa: F401
     from geoopt.manifolds.base import Manifold  # noqa: F401
     from geoopt.optim import RiemannianSGD  # noqa: F401
+
+    try:  # a private torch module: absent in other releases, then nothing to silence
+        import torch._decomp.decompositions_for_jvp  # noqa: F401
+    except ImportError:
+        pass
 
 __all__ = ["geoopt", "Manifold", "ManifoldParameter", "ManifoldTensor", "RiemannianSGD",
            "geomstats"]

@@ -34,7 +34,8 @@ PAGES = [
     ("analysis", "kernelgeo.analysis", "kernelgeo.analysis",
      "Curvature, geodesics, landscapes, sharpness and the normalization report "
      "(:doc:`../analysis`)."),
-    ("data", "kernelgeo.data", "kernelgeo.data", "Data sets held in memory and a tensor loader."),
+    ("data", "kernelgeo.data", "kernelgeo.data",
+     "Data sets held in memory or streamed from image folders, and their batch loaders."),
     ("models", "kernelgeo.models", "kernelgeo.models", "Classification models by name."),
     ("training", None, "Training, comparison and the command line",
      "The modules behind ``kernelgeo train``, ``kernelgeo compare``, ``kernelgeo demo`` and "
@@ -43,6 +44,8 @@ PAGES = [
 #: documented after the kernelgeo.training package (kernelgeo.train only re-exports it)
 TRAINING_MODULES = ["kernelgeo.compare", "kernelgeo.cli", "kernelgeo.checkpoint",
                     "kernelgeo.distributed"]
+#: modules documented at the end of a page (top-level modules that are not packages)
+EXTRA_MODULES = {"data": ["kernelgeo.folder"]}
 #: modules documented on the kernelgeo page instead of their own (name clash with a function)
 FOLDED_INTO_TOP = {"kernelgeo.constrain"}
 
@@ -155,6 +158,9 @@ def main() -> None:
         try:
             text = (page_for_package(pkgname, title, intro) if pkgname
                     else page_for_modules(TRAINING_MODULES, title, intro))
+            for m in EXTRA_MODULES.get(page, []):
+                text = "\n".join([text.rstrip(), ""]
+                                  + module_block(m, public(importlib.import_module(m))))
         except ImportError as err:
             print(f"skip {page}: {err}")
             continue
