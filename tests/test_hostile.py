@@ -359,9 +359,9 @@ def test_constraint_error_propagates_nan_and_inf_over_layers_and_blocks():
 
 
 # ---------------------------------------------------------------------------- soak
-#: 1e4 steps (about 10-15 s of one core) in the default slow run; the full soak is
-#: ``KERNELGEO_SOAK_STEPS=100000 pytest -m slow tests/test_hostile.py`` (about 90 s)
-SOAK_STEPS = int(os.environ.get("KERNELGEO_SOAK_STEPS", "10000"))
+#: 1e5 steps (about 90 s of one core; ``make test`` runs slow tests, ``make test-fast`` does
+#: not); ``KERNELGEO_SOAK_STEPS=N`` changes the length
+SOAK_STEPS = int(os.environ.get("KERNELGEO_SOAK_STEPS", "100000"))
 
 
 @pytest.mark.slow
