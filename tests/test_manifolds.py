@@ -121,7 +121,7 @@ def slice_dims(shape):
 
 
 def stiefel_grid(b, shape):
-    """(G, p, n) of per-filter Stiefel written from the issue: groups of <= n filters."""
+    """(G, p, n) of per-filter Stiefel written from the definition: groups of <= n filters."""
     out, n = shape[0], math.prod(shape[1:])
     if b.group_size is not None:
         return out // b.group_size, b.group_size, n
