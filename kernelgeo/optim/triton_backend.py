@@ -186,6 +186,8 @@ class _DevicePlan:
     tiles: torch.Tensor | None = None  # (T, 3) int64 on the device
     launches: list = field(default_factory=list)
     flag: torch.Tensor | None = None
+    offsets: list = field(default_factory=list)  # byte offset of each item in its parameter
+    chunks: dict = field(default_factory=dict)  # check work lists by gradient sizes
 
 
 @dataclass
@@ -272,6 +274,8 @@ def _tile(dp: _DevicePlan) -> None:
         dp.launches.append(_Launch(kind, dtype, len(tiles), len(rows), ba, bc))
         tiles.extend(rows)
     dp.tiles = torch.tensor(tiles, dtype=torch.int64).reshape(-1, 3).to(dp.device)
+    dp.offsets = [nm.sub(nm.param.detach()).data_ptr() - nm.param.data_ptr()
+                  for _, nm in dp.items]
     dp.flag = torch.zeros(1, dtype=torch.int32, device=dp.device)
 
 
@@ -286,17 +290,21 @@ def _get_plan(opt) -> TritonPlan:
 
 # ------------------------------------------------------------------------------------- step
 def _item_tables(opt, dp: _DevicePlan, keep: list):
-    """Item tables of this step (gradient addresses, lr and first-step flags change)."""
+    """Item tables of this step (gradient addresses, lr and first-step flags change).  No
+    ATen op per item: addresses are the parameters' and gradients' plus the blocks' byte
+    offsets, computed with the plan."""
     ints, floats = [], []
-    for group, nm in dp.items:
+    for (group, nm), off in zip(dp.items, dp.offsets, strict=True):
         p = nm.param
         g = p.grad
         if g.is_sparse:
             raise RuntimeError("ConvergentRSGD does not support sparse gradients")
-        x, g = nm.sub(p.detach()), nm.sub(g)
-        if g.stride() != x.stride() or g.dtype != x.dtype:
-            g = torch.empty_like(x).copy_(g)
-            keep.append(g)
+        if g.stride() == p.stride() and g.dtype == p.dtype:
+            ga = g.data_ptr() + off
+        else:  # the kernel reads the gradient with the parameter's strides
+            gc = torch.empty_like(nm.sub(p.detach())).copy_(nm.sub(g))
+            keep.append(gc)
+            ga = gc.data_ptr()
         mult = opt._multiplier(p)
         lr = float(group["lr"]) if mult is None else float(group["lr"] * mult)
         c = nm.consts
@@ -304,11 +312,10 @@ def _item_tables(opt, dp: _DevicePlan, keep: list):
         hasb = nm.buf is not None
         flags = (int(nm.layout.center) | int(nm.fresh) << 1 | int(rule) << 2 |
                  int(hasb) << 3 | int(bool(group["nesterov"])) << 4)
-        ints.append([x.data_ptr(), g.data_ptr(), nm.buf.data_ptr() if hasb else x.data_ptr(),
-                     nm.a, nm.s, flags, 0, 0])
+        xa = p.data_ptr() + off
+        ints.append([xa, ga, nm.buf.data_ptr() if hasb else xa, nm.a, nm.s, flags, 0, 0])
         floats.append([lr, float(nm.layout.r), c.cap if rule else 1.0,
                        float(group["momentum"]), float(group["dampening"]), 0.0, 0.0, 0.0])
-        keep.append(g)
     itab = torch.tensor(ints, dtype=torch.int64).to(dp.device, non_blocking=True)
     ftab = torch.tensor(floats, dtype=torch.float64).to(dp.device, non_blocking=True)
     return itab, ftab
@@ -327,8 +334,12 @@ def _check(opt, plan: TritonPlan, grads_by_dev: dict) -> bool:
     flags = []
     for dev, grads in grads_by_dev.items():
         dp = plan.devices.get(dev)
+        if dp is None and (dev.type == "cuda" or (dev.type == "cpu" and interpreting())):
+            dp = plan.devices[dev] = _DevicePlan(dev)  # no items: the check only
+            dp.flag = torch.zeros(1, dtype=torch.int32, device=dev)
         tri = [g for g in grads if g.numel() and _dense_flat(g)] if dp is not None else []
-        others.extend(g for g in grads if not any(g is t for t in tri))
+        ids = {id(t) for t in tri}
+        others.extend(g for g in grads if id(g) not in ids)
         if not tri:
             continue
         dp.flag.zero_()
@@ -339,10 +350,13 @@ def _check(opt, plan: TritonPlan, grads_by_dev: dict) -> bool:
             # dense: the entries are the numel memory slots from the lowest-strided one
             ttab = torch.tensor([[g.data_ptr(), g.numel()] for g in gs],
                                 dtype=torch.int64).to(dev, non_blocking=True)
-            step_ = CHECK_BLOCK * CHECK_NB
-            chunks = torch.tensor([[i, s] for i, g in enumerate(gs)
-                                   for s in range(0, g.numel(), step_)],
-                                  dtype=torch.int64).to(dev, non_blocking=True)
+            sizes = (dtype,) + tuple(g.numel() for g in gs)
+            chunks = dp.chunks.get(sizes)
+            if chunks is None:  # static while the plan is: built once
+                step_ = CHECK_BLOCK * CHECK_NB
+                chunks = dp.chunks[sizes] = torch.tensor(
+                    [[i, s] for i, g in enumerate(gs) for s in range(0, g.numel(), step_)],
+                    dtype=torch.int64).to(dev)
             _launch(_TRITON["check"], (chunks.shape[0],), chunks, ttab, dp.flag,
                     IS64=dtype == torch.float64, BLOCK=CHECK_BLOCK, NB=CHECK_NB)
         flags.append(dp.flag)
@@ -358,8 +372,6 @@ def step(opt) -> bool:
     if _import() is None:
         raise RuntimeError(f"backend='triton' is unavailable: {_REASON}")
     plan = _get_plan(opt)
-    for dev in plan.devices:
-        check_device(dev)
     grads_by_dev: dict = {}
     for group, eu, gp in zip(opt.param_groups, plan.euclid, plan.fallback, strict=True):
         ps = group["params"]
@@ -373,8 +385,13 @@ def step(opt) -> bool:
         for i in gp.foreign:
             grads_by_dev.setdefault(ps[i].device, []).append(ps[i].grad)
     for dp in plan.devices.values():
+        seen = set()
         for _, nm in dp.items:
-            grads_by_dev.setdefault(dp.device, []).append(nm.sub(nm.param.grad))
+            if id(nm.param) not in seen:  # the blocks of a product: their whole gradient
+                seen.add(id(nm.param))
+                grads_by_dev.setdefault(dp.device, []).append(nm.param.grad)
+    for dev in grads_by_dev:
+        check_device(dev)
     if not _check(opt, plan, grads_by_dev):
         return opt._nonfinite(opt._find_bad())
     keep: list = []
