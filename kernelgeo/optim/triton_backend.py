@@ -21,7 +21,7 @@ multi-tensor apply:
 Component ``(blk, j)`` of an item is the vector of its ``a`` entries ``blk*a*s + k*s + j``
 (``k < a``): rows of spheres (``s = 1``), columns of the oblique slices (``a = k_h``,
 ``s = k_w``), or contiguous columns for kernels stored with the last two dimensions swapped.
-The update of one component is that of :func:`kernelgeo.optim.batched.sphere_apply`, with the
+The update of one component is that of ``kernelgeo.optim.batched.sphere_apply``, with the
 step rule :math:`g = \lambda/\max(1, \lambda\|d\|/c)` of
 :mod:`~kernelgeo.optim.step_rules` (the cap :math:`c` comes from
 :func:`~kernelgeo.optim.step_rules.rule_constants`), the exact retraction
@@ -51,8 +51,8 @@ from ..manifolds import KernelProduct
 from . import batched as bt
 from .step_rules import rule_constants
 
-__all__ = ["available", "unavailable_reason", "check_device", "step", "LaunchCounter",
-           "counting"]
+__all__ = ["available", "unavailable_reason", "interpreting", "check_device", "step",
+           "LaunchCounter", "counting"]
 
 #: components at most this long are updated from registers (several per program)
 SHORT_MAX = 1024
