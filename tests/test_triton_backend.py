@@ -122,9 +122,30 @@ def test_linear_weight_and_contiguous_gradients():
     _compare("oblique", torch.float64, contiguous=True, lr=0.3, momentum=0.9)
 
 
-def test_small_steps_are_plain_rsgd():
-    # tiny gradients: no cap is active, weight decay on the Euclidean biases
+def test_small_steps_and_weight_decay():
+    # tiny gradients: no cap is active; weight decay on the biases, and on the kernels (where
+    # its tangent part is zero: the backend omits it, the reference computes it)
     _compare("sphere", torch.float64, scale=1e-3, lr=0.1, momentum=0.9, weight_decay=1e-2)
+    _compare("centered-sphere", torch.float64, lr=0.1, momentum=0.9, weight_decay=0.1,
+             decay_manifold=True)
+
+
+def test_state_dict_round_trip():
+    ref, tri = _pair("oblique", torch.float64)
+    kw = dict(lr=0.3, momentum=0.9, stabilize=None)
+    o_ref = ConvergentRSGD(ref.parameters(), batched=False, **kw)
+    o_tri = ConvergentRSGD(tri.parameters(), backend="triton", **kw)
+    gen = torch.Generator().manual_seed(3)
+    for i in range(3):
+        if i == 2:  # a fresh optimizer from the saved state
+            sd = copy.deepcopy(o_tri.state_dict())
+            o_tri = ConvergentRSGD(tri.parameters(), backend="triton", **kw)
+            o_tri.load_state_dict(sd)
+        _grads((ref, tri), gen)
+        o_ref.step()
+        o_tri.step()
+    for a, b in zip(ref.parameters(), tri.parameters(), strict=True):
+        torch.testing.assert_close(b, a, rtol=1e-10, atol=1e-12)
 
 
 def test_stiefel_falls_back_to_torch_path():
