@@ -244,3 +244,31 @@ def test_launch_count_resnet50(spec):
     kernelgeo.constrain(model, spec, on_invalid="skip")
     ops, n = launches.count_step(launches.make_optimizer("triton", model), model)
     assert ops + n <= 40
+
+
+@pytest.mark.parametrize("rule", ["none", "gsgd"])
+def test_float32_sums_do_not_overflow(rule):
+    # gradients of 1e30: their squares overflow float32; the kernels sum in double, so the
+    # iterate equals the float64 reference on the same data, rounded to float32
+    torch.manual_seed(0)
+    tri = _net(torch.float32)
+    kernelgeo.constrain(tri, "sphere", on_invalid="skip")
+    ref = copy.deepcopy(tri).double()
+    o_ref = ConvergentRSGD(ref.parameters(), batched=False, lr=0.5, momentum=0.9,
+                           step_rule=rule)
+    o_tri = ConvergentRSGD(tri.parameters(), backend="triton", lr=0.5, momentum=0.9,
+                           step_rule=rule)
+    gen = torch.Generator().manual_seed(0)
+    for _ in range(2):
+        _grads((ref, tri), gen, scale=1e30)
+        for p in tri.parameters():  # the Euclidean biases would overflow in either path
+            if not hasattr(p, "manifold"):
+                p.grad = None
+        for p in ref.parameters():
+            if not hasattr(p, "manifold"):
+                p.grad = None
+        o_ref.step()
+        o_tri.step()
+    for a, b in zip(ref.parameters(), tri.parameters(), strict=True):
+        assert torch.isfinite(b).all()
+        torch.testing.assert_close(b.double(), a, rtol=1e-4, atol=1e-5)

@@ -26,12 +26,6 @@ def _header(tiles, itab, ftab, t, IS64: tl.constexpr):
     cap = tl.load(fb + 2)
     mu = tl.load(fb + 3)
     damp = tl.load(fb + 4)
-    if not IS64:
-        lr = lr.to(tl.float32)
-        r = r.to(tl.float32)
-        cap = cap.to(tl.float32)
-        mu = mu.to(tl.float32)
-        damp = damp.to(tl.float32)
     return xp, gp, bp, c0, nc, a, s, flags, lr, r, cap, mu, damp
 
 @triton.jit
@@ -57,14 +51,15 @@ def sphere_short(tiles, itab, ftab, tile0, BC: tl.constexpr, BA: tl.constexpr,
     blk = ci // s
     off = (blk * a * s + (ci - blk * s))[:, None] + k[None, :] * s
     m = cm[:, None] & km[None, :]
-    x = tl.load(xp + off, mask=m, other=0.0)
-    g = tl.load(gp + off, mask=m, other=0.0)
+    # double precision in registers: sums of squares of float32 data cannot overflow
+    x = tl.load(xp + off, mask=m, other=0.0).to(tl.float64)
+    g = tl.load(gp + off, mask=m, other=0.0).to(tl.float64)
     gm = tl.sum(g, 1) / a.to(g.dtype)  # a >= 1
     g = tl.where(m, g - tl.where(center, gm, 0.0)[:, None], 0.0)
     r2 = r * r
     u = g - (tl.sum(x * g, 1) / r2)[:, None] * x
     mb = m & hasb
-    b = tl.load(bp + off, mask=mb, other=0.0)
+    b = tl.load(bp + off, mask=mb, other=0.0).to(tl.float64)
     bn = tl.where(fresh, u, mu * b + (1.0 - damp) * u)
     d = tl.where(hasb, tl.where(nest, u + mu * bn, bn), u)
     rn = tl.sqrt(tl.sum(d * d, 1))
@@ -73,9 +68,9 @@ def sphere_short(tiles, itab, ftab, tile0, BC: tl.constexpr, BA: tl.constexpr,
     # padding rows (beyond nc) have y = 0: keep their (unstored) values finite
     c = r / tl.sqrt(tl.where(cm, tl.sum(y * y, 1), 1.0))
     xn = c[:, None] * y
-    tl.store(xp + off, xn, mask=m)
+    tl.store(xp + off, xn.to(xp.dtype.element_ty), mask=m)
     bt_ = bn - (tl.sum(xn * bn, 1) / r2)[:, None] * xn
-    tl.store(bp + off, bt_, mask=mb)
+    tl.store(bp + off, bt_.to(bp.dtype.element_ty), mask=mb)
 
 @triton.jit
 def sphere_long(tiles, itab, ftab, tile0, BA: tl.constexpr, IS64: tl.constexpr):
@@ -91,7 +86,7 @@ def sphere_long(tiles, itab, ftab, tile0, BA: tl.constexpr, IS64: tl.constexpr):
     base = blk * a * s + (c0 - blk * s)
     k0 = tl.arange(0, BA).to(tl.int64)
     r2 = r * r
-    zero = tl.zeros([BA], dtype=lr.dtype)
+    zero = tl.zeros([BA], dtype=tl.float64)  # double sums (see sphere_short)
     # pass 1: <x, G>, sum x, sum G (centring)
     axg = zero
     ax = zero
@@ -99,8 +94,8 @@ def sphere_long(tiles, itab, ftab, tile0, BA: tl.constexpr, IS64: tl.constexpr):
     for st in range(0, a, BA):
         k = st + k0
         km = k < a
-        x = tl.load(xp + base + k * s, mask=km, other=0.0)
-        g = tl.load(gp + base + k * s, mask=km, other=0.0)
+        x = tl.load(xp + base + k * s, mask=km, other=0.0).to(tl.float64)
+        g = tl.load(gp + base + k * s, mask=km, other=0.0).to(tl.float64)
         axg += x * g
         ax += x
         ag += g
@@ -113,13 +108,13 @@ def sphere_long(tiles, itab, ftab, tile0, BA: tl.constexpr, IS64: tl.constexpr):
     for st in range(0, a, BA):
         k = st + k0
         km = k < a
-        x = tl.load(xp + base + k * s, mask=km, other=0.0)
-        g = tl.load(gp + base + k * s, mask=km, other=0.0)
+        x = tl.load(xp + base + k * s, mask=km, other=0.0).to(tl.float64)
+        g = tl.load(gp + base + k * s, mask=km, other=0.0).to(tl.float64)
         u = tl.where(km, g - mg - cu * x, 0.0)
         mb = km & hasb
-        b = tl.load(bp + base + k * s, mask=mb, other=0.0)
+        b = tl.load(bp + base + k * s, mask=mb, other=0.0).to(tl.float64)
         bn = tl.where(fresh, u, mu * b + (1.0 - damp) * u)
-        tl.store(bp + base + k * s, bn, mask=mb)
+        tl.store(bp + base + k * s, bn.to(bp.dtype.element_ty), mask=mb)
         d = tl.where(hasb, tl.where(nest, u + mu * bn, bn), u)
         add += d * d
         adb += d * bn
@@ -131,10 +126,10 @@ def sphere_long(tiles, itab, ftab, tile0, BA: tl.constexpr, IS64: tl.constexpr):
     for st in range(0, a, BA):
         k = st + k0
         km = k < a
-        x = tl.load(xp + base + k * s, mask=km, other=0.0)
-        g = tl.load(gp + base + k * s, mask=km, other=0.0)
+        x = tl.load(xp + base + k * s, mask=km, other=0.0).to(tl.float64)
+        g = tl.load(gp + base + k * s, mask=km, other=0.0).to(tl.float64)
         u = tl.where(km, g - mg - cu * x, 0.0)
-        bn = tl.load(bp + base + k * s, mask=km & hasb, other=0.0)
+        bn = tl.load(bp + base + k * s, mask=km & hasb, other=0.0).to(tl.float64)
         d = tl.where(hasb, tl.where(nest, u + mu * bn, bn), u)
         y = x - stp * d
         ayy += y * y
@@ -145,15 +140,15 @@ def sphere_long(tiles, itab, ftab, tile0, BA: tl.constexpr, IS64: tl.constexpr):
     for st in range(0, a, BA):
         k = st + k0
         km = k < a
-        x = tl.load(xp + base + k * s, mask=km, other=0.0)
-        g = tl.load(gp + base + k * s, mask=km, other=0.0)
+        x = tl.load(xp + base + k * s, mask=km, other=0.0).to(tl.float64)
+        g = tl.load(gp + base + k * s, mask=km, other=0.0).to(tl.float64)
         u = tl.where(km, g - mg - cu * x, 0.0)
         mb = km & hasb
-        bn = tl.load(bp + base + k * s, mask=mb, other=0.0)
+        bn = tl.load(bp + base + k * s, mask=mb, other=0.0).to(tl.float64)
         d = tl.where(hasb, tl.where(nest, u + mu * bn, bn), u)
         xn = c * (x - stp * d)
-        tl.store(xp + base + k * s, xn, mask=km)
-        tl.store(bp + base + k * s, bn - cb * xn, mask=mb)
+        tl.store(xp + base + k * s, xn.to(xp.dtype.element_ty), mask=km)
+        tl.store(bp + base + k * s, (bn - cb * xn).to(bp.dtype.element_ty), mask=mb)
 
 @triton.jit
 def check_finite(chunks, ttab, flag, IS64: tl.constexpr, BLOCK: tl.constexpr,

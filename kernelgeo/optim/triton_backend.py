@@ -33,7 +33,9 @@ omits it.
 Left to the torch path (:mod:`~kernelgeo.optim.batched`, in the same step, after the check):
 Stiefel and other kernels, non-dense kernels, dtypes other than float32/float64, parameters on
 foreign manifolds; Euclidean parameters use the optimizer's ``torch._foreach_*`` update.
-Sums are taken in the data's precision (no rescaling for entries near the largest float).
+Values are computed in double precision in registers (float32 data is loaded, converted and
+stored back rounded): sums of squares of float32 gradients cannot overflow.  float64 entries
+beyond ~1e154 are not rescaled.
 
 On CPU tensors the kernels run only under Triton's interpreter (``TRITON_INTERPRET=1`` set
 before :mod:`triton` is imported), which is how they are tested.
