@@ -41,7 +41,8 @@ def _interpreted():
 
 def _net(dtype=torch.float32, linear=False):
     """Kernels of every tile class: 3x3 (several of one class in one launch), 1x1, 7-entry
-    rows and columns, rows longer than one 1024-entry block, and a Linear weight."""
+    rows and columns, rows of 1050 entries (the long kernel: three blocks of 512), and a
+    Linear weight."""
     mods = [nn.Conv2d(3, 8, 3), nn.Conv2d(3, 5, 3), nn.Conv2d(8, 5, 1),
             nn.Conv2d(1, 6, (7, 1)), nn.Conv2d(70, 3, (5, 3)), nn.Conv2d(5, 4, 3)]
     if linear:
@@ -164,7 +165,7 @@ def test_one_launch_per_tile_class():
     dp = next(iter(opt._plan.devices.values()))
     assert len(dp.items) == 6
     assert sorted((ln.kind, ln.ba) for ln in dp.launches) == [
-        ("long", 1024), ("short", 8), ("short", 32), ("short", 64)]
+        ("long", 512), ("short", 8), ("short", 32), ("short", 64)]
     assert c.launches == 5
 
 
@@ -284,8 +285,8 @@ from kernelgeo.optim import _triton_kernels as k
 P, T = "*i64", {"tiles": "*i64", "itab": "*i64", "ftab": "*fp64", "tile0": "i32"}
 cases = [(k.sphere_short, T, dict(BC=256, BA=8, IS64=False)),
          (k.sphere_short, T, dict(BC=2, BA=1024, IS64=True)),
-         (k.sphere_long, T, dict(BA=1024, IS64=False)),
-         (k.sphere_long, T, dict(BA=1024, IS64=True)),
+         (k.sphere_long, T, dict(BA=512, IS64=False)),
+         (k.sphere_long, T, dict(BA=512, IS64=True)),
          (k.check_finite, {"chunks": P, "ttab": P, "flag": "*i32"},
           dict(IS64=False, BLOCK=1024, NB=16))]
 for fn, sig, const in cases:
