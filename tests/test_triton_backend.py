@@ -249,8 +249,10 @@ def test_launch_count_resnet50(spec):
 
 @pytest.mark.parametrize("rule", ["none", "gsgd"])
 def test_float32_sums_do_not_overflow(rule):
-    # gradients of 1e30: their squares overflow float32; the kernels sum in double, so the
-    # iterate equals the float64 reference on the same data, rounded to float32
+    # gradients of 1e30: their squares overflow float32.  The optimizer's overflow test
+    # (fed by the check kernel's bound) sends such a step to the reference path, and the
+    # kernels themselves sum in double: either way the iterate is finite and equals the
+    # float64 reference on the same data, rounded to float32
     torch.manual_seed(0)
     tri = _net(torch.float32)
     kernelgeo.constrain(tri, "sphere", on_invalid="skip")
@@ -287,8 +289,10 @@ cases = [(k.sphere_short, T, dict(BC=256, BA=8, IS64=False)),
          (k.sphere_short, T, dict(BC=2, BA=1024, IS64=True)),
          (k.sphere_long, T, dict(BA=512, IS64=False)),
          (k.sphere_long, T, dict(BA=512, IS64=True)),
-         (k.check_finite, {"chunks": P, "ttab": P, "flag": "*i32"},
-          dict(IS64=False, BLOCK=1024, NB=16))]
+         (k.check_finite, {"chunks": P, "ttab": P, "out": "*fp64", "out0": "i32",
+                           "big": "fp32"}, dict(IS64=False, BLOCK=1024, NB=16)),
+         (k.check_finite, {"chunks": P, "ttab": P, "out": "*fp64", "out0": "i32",
+                           "big": "fp32"}, dict(IS64=True, BLOCK=1024, NB=16))]
 for fn, sig, const in cases:
     sig = dict(sig, **{c: "constexpr" for c in const})
     out = triton.compile(ASTSource(fn=fn, signature=sig, constexprs=const),

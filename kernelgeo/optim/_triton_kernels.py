@@ -151,8 +151,9 @@ def sphere_long(tiles, itab, ftab, tile0, BA: tl.constexpr, IS64: tl.constexpr):
         tl.store(bp + base + k * s, (bn - cb * xn).to(bp.dtype.element_ty), mask=mb)
 
 @triton.jit
-def check_finite(chunks, ttab, flag, IS64: tl.constexpr, BLOCK: tl.constexpr,
+def check_finite(chunks, ttab, out, out0, big, IS64: tl.constexpr, BLOCK: tl.constexpr,
                  NB: tl.constexpr):
+    # out[out0 + pid] = largest |entry| of this program's range, +inf for a NaN (Inf stays)
     pid = tl.program_id(0)
     ti = tl.load(chunks + 2 * pid)
     start = tl.load(chunks + 2 * pid + 1)
@@ -163,16 +164,9 @@ def check_finite(chunks, ttab, flag, IS64: tl.constexpr, BLOCK: tl.constexpr,
     p = tl.load(ttab + 2 * ti).to(pt)
     n = tl.load(ttab + 2 * ti + 1)
     off0 = tl.arange(0, BLOCK).to(tl.int64)
-    bad = tl.zeros([BLOCK], dtype=tl.int32)
+    m = tl.zeros([BLOCK], dtype=tl.float64)
     for i in range(NB):
         off = start + i * BLOCK + off0
-        v = tl.load(p + off, mask=off < n, other=0.0)
-        # NaN: v != v; +-Inf: |v| > largest finite value of the dtype
-        if IS64:
-            big = tl.abs(v) > 1.7976931348623157e308
-        else:
-            big = tl.abs(v) > 3.4028234663852886e38
-        bad = bad | ((v != v) | big).to(tl.int32)
-    nbad = tl.max(bad, 0)
-    tl.store(flag + tl.zeros([1], dtype=tl.int32), tl.full([1], 1, tl.int32),
-             mask=tl.full([1], 1, tl.int32) == nbad)
+        v = tl.load(p + off, mask=off < n, other=0.0).to(tl.float64)
+        m = tl.maximum(m, tl.where(v == v, tl.abs(v), big))
+    tl.store(out + out0 + pid, tl.max(m, 0))

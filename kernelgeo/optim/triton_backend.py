@@ -15,8 +15,12 @@ multi-tensor apply:
   from registers, many per program (``BC x BA`` tiles, ``BA`` the next power of two of the
   component length); longer ones one per program, in four passes over blocks of 512;
 * before anything is written, one reduction launch per (device, dtype) over every gradient of
-  the step (kernels, Euclidean parameters, kernels left to the torch path) sets a flag; the
-  step reads it (one synchronisation) and raises (or skips) without writing when it is set.
+  the step (kernels, Euclidean parameters, kernels left to the torch path) writes the largest
+  absolute entry of each range (``inf`` for a NaN); the step reads their maximum (one
+  synchronisation): a non-finite gradient raises (or skips) with nothing written, and the
+  bound :math:`\sqrt{n}\max|G|` of the gradients' norms goes to the optimizer's overflow
+  test (the one of the torch fast path): a step that could overflow somewhere takes the
+  reference path, which writes nothing unless every new value is finite.
 
 Component ``(blk, j)`` of an item is the vector of its ``a`` entries ``blk*a*s + k*s + j``
 (``k < a``): rows of spheres (``s = 1``), columns of the oblique slices (``a = k_h``,
@@ -190,7 +194,6 @@ class _DevicePlan:
     items: list = field(default_factory=list)  # (group, NativeMember)
     tiles: torch.Tensor | None = None  # (T, 3) int64 on the device
     launches: list = field(default_factory=list)
-    flag: torch.Tensor | None = None
     offsets: list = field(default_factory=list)  # byte offset of each item in its parameter
     chunks: dict = field(default_factory=dict)  # check work lists by gradient sizes
 
@@ -203,7 +206,7 @@ class TritonPlan:
     devices: dict
     euclid: list  # per group: list of params
     fallback: list  # per group: GroupPlan
-    check: list  # (device, dtype) keys whose gradients the check kernel covers
+    safety: list  # per group: GroupPlan of chunks and items, for the overflow test
 
 
 def _build_plan(opt, sig) -> TritonPlan:
@@ -240,7 +243,11 @@ def _build_plan(opt, sig) -> TritonPlan:
     bt.attach_scratch([ch for gp in fallback for ch in gp.chunks])
     for dp in devices.values():
         _tile(dp)
-    return TritonPlan(devices, euclid, fallback, [])
+    safety = []
+    for group, gp in zip(opt.param_groups, fallback, strict=True):
+        mine = [nm for dp in devices.values() for g, nm in dp.items if g is group]
+        safety.append(bt.GroupPlan([], gp.chunks, [], mine))
+    return TritonPlan(devices, euclid, fallback, safety)
 
 
 def _kernel_items(group, i, p, m) -> list | None:
@@ -281,7 +288,6 @@ def _tile(dp: _DevicePlan) -> None:
     dp.tiles = torch.tensor(tiles, dtype=torch.int64).reshape(-1, 3).to(dp.device)
     dp.offsets = [nm.sub(nm.param.detach()).data_ptr() - nm.param.data_ptr()
                   for _, nm in dp.items]
-    dp.flag = torch.zeros(1, dtype=torch.int32, device=dp.device)
 
 
 def _get_plan(opt) -> TritonPlan:
@@ -330,45 +336,50 @@ def _dense_flat(t: torch.Tensor) -> bool:
     return bt._dense(t) and t.dtype in DTYPES
 
 
-def _check(opt, plan: TritonPlan, grads_by_dev: dict) -> bool:
-    """Whether every gradient is finite: one reduction launch per (device, dtype) setting a
-    flag, one synchronisation per device; others (non-dense, other dtypes) by torch ops."""
-    from .rsgd import _all_finite
+def _check(opt, plan: TritonPlan, grads_by_dev: dict) -> float:
+    """An upper bound of the 2-norm of every gradient (NaN or Inf when an entry is not
+    finite): one reduction launch per (device, dtype) and one synchronisation per device;
+    gradients the kernel cannot read (non-dense, other dtypes) by torch ops."""
+    from .rsgd import _nanmax, _norm_bound
 
     others = []
-    flags = []
+    bound = 0.0
     for dev, grads in grads_by_dev.items():
         dp = plan.devices.get(dev)
         if dp is None and (dev.type == "cuda" or (dev.type == "cpu" and interpreting())):
             dp = plan.devices[dev] = _DevicePlan(dev)  # no items: the check only
-            dp.flag = torch.zeros(1, dtype=torch.int32, device=dev)
         tri = [g for g in grads if g.numel() and _dense_flat(g)] if dp is not None else []
         ids = {id(t) for t in tri}
         others.extend(g for g in grads if id(g) not in ids)
         if not tri:
             continue
-        dp.flag.zero_()
         by_dtype: dict = {}
         for g in tri:
             by_dtype.setdefault(g.dtype, []).append(g)
-        for dtype, gs in by_dtype.items():
+        key = tuple((dt, tuple(g.numel() for g in gs)) for dt, gs in by_dtype.items())
+        work = dp.chunks.get(key)
+        if work is None:  # static while the plan is: built once
+            step_ = CHECK_BLOCK * CHECK_NB
+            lists, total = [], 0
+            for _, gs in by_dtype.items():
+                rows = [[i, s] for i, g in enumerate(gs) for s in range(0, g.numel(), step_)]
+                lists.append((torch.tensor(rows, dtype=torch.int64).to(dev), total))
+                total += len(rows)
+            # zeros: a counting-only run (LaunchCounter(execute=False)) reads a finite bound
+            out = torch.zeros(total, dtype=torch.float64, device=dev)
+            work = dp.chunks[key] = (lists, out)
+        lists, out = work
+        for (dtype, gs), (chunks, out0) in zip(by_dtype.items(), lists, strict=True):
             # dense: the entries are the numel memory slots from the lowest-strided one
             ttab = torch.tensor([[g.data_ptr(), g.numel()] for g in gs],
                                 dtype=torch.int64).to(dev, non_blocking=True)
-            sizes = (dtype,) + tuple(g.numel() for g in gs)
-            chunks = dp.chunks.get(sizes)
-            if chunks is None:  # static while the plan is: built once
-                step_ = CHECK_BLOCK * CHECK_NB
-                chunks = dp.chunks[sizes] = torch.tensor(
-                    [[i, s] for i, g in enumerate(gs) for s in range(0, g.numel(), step_)],
-                    dtype=torch.int64).to(dev)
-            _launch(_TRITON["check"], (chunks.shape[0],), chunks, ttab, dp.flag,
-                    IS64=dtype == torch.float64, BLOCK=CHECK_BLOCK, NB=CHECK_NB)
-        flags.append(dp.flag)
-    ok = all(not bool(f.item()) for f in flags)
-    if ok and others:
-        ok = _all_finite(others)
-    return ok
+            _launch(_TRITON["check"], (chunks.shape[0],), chunks, ttab, out, out0,
+                    math.inf, IS64=dtype == torch.float64, BLOCK=CHECK_BLOCK, NB=CHECK_NB)
+        gmax = float(out.max())
+        bound = _nanmax(bound, gmax * math.sqrt(max(g.numel() for g in tri)))
+    if others:
+        bound = _nanmax(bound, _norm_bound(others))
+    return bound
 
 
 def step(opt) -> bool:
@@ -395,10 +406,21 @@ def step(opt) -> bool:
             if id(nm.param) not in seen:  # the blocks of a product: their whole gradient
                 seen.add(id(nm.param))
                 grads_by_dev.setdefault(dp.device, []).append(nm.param.grad)
+    if any(g.layout != torch.strided for gs in grads_by_dev.values() for g in gs):
+        opt._check_sparse()
     for dev in grads_by_dev:
         check_device(dev)
-    if not _check(opt, plan, grads_by_dev):
-        return opt._nonfinite(opt._find_bad())
+    gnorm = _check(opt, plan, grads_by_dev)
+    if not gnorm < math.inf:
+        bad = opt._find_bad()
+        if bad:
+            return opt._nonfinite(bad)
+    if not opt._fast_is_safe(plan.safety, gnorm):
+        # some new value could overflow: the reference path computes every new value in
+        # temporaries and writes only if all are finite
+        done = opt._step_reference()
+        opt._plan = None  # it wrote the state tensors (new buffers too): rebuild
+        return done
     keep: list = []
     for dp in plan.devices.values():
         if not dp.items:
@@ -440,6 +462,7 @@ def _fallback_step(opt, group, gp) -> None:
     for ch in gp.chunks:
         x, g, inplace = bt.gather(ch, lambda p: p.grad)
         h = opt._hyper(group, ch)
+        h.short = float(group["lr"]) * opt._dbound <= 3.0 * ch.layout.r
         if ch.kind == "sphere":
             g, c = bt.sphere_prepare(ch, x, g)
         elif ch.kind == "stiefel":
@@ -458,4 +481,11 @@ def _fallback_step(opt, group, gp) -> None:
         if ch.fresh_members:
             bt.commit_fresh(ch, opt.state, _nblocks)
     for i in gp.foreign:
-        opt._foreign(group, group["params"][i], group["params"][i].manifold)
+        p = group["params"][i]
+        commits: list = []
+        opt._foreign(group, p, p.manifold, opt._name(group, i), commits)
+        for op, target, key, new, *_ in commits:
+            if op == "copy":
+                target.copy_(new)
+            else:
+                target[key] = new
