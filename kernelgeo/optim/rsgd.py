@@ -47,6 +47,8 @@ from .step_rules import RULES, check_rule_args, rule_constants, step_sizes
 
 __all__ = ["ConvergentRSGD", "NonFiniteGradientError", "StepOverflowError"]
 
+_BACKENDS = ("auto", "torch", "native", "triton")
+
 
 class NonFiniteGradientError(FloatingPointError):
     """A gradient holds NaN or Inf; the message names the parameters."""
@@ -171,7 +173,16 @@ class ConvergentRSGD(RiemannianSGD):
         (three passes per row or column from cache, no copies): ``None`` (default) uses
         them when they can be compiled, ``True`` requires them (``RuntimeError``
         otherwise), ``False`` never uses them.  Same iterates as the torch path up to
-        rounding (tested).
+        rounding (tested).  An alias of ``backend`` (``True``: ``"native"``, ``False``:
+        ``"torch"``).
+    backend : {"auto", "torch", "native", "triton"}
+        Implementation of the batched step: ``"torch"`` (torch ops only), ``"native"`` (as
+        ``native=True``), ``"triton"`` (:mod:`~kernelgeo.optim.triton_backend`: a few Triton
+        launches per step for sphere, centred-sphere and oblique kernels; Stiefel and other
+        kernels keep the torch path; CUDA tensors, or CPU tensors under
+        ``TRITON_INTERPRET=1``); ``"auto"`` (default): Triton for CUDA parameters when it can
+        be imported, the fused CPU kernels on the CPU, torch ops otherwise.  With
+        ``log_stats`` or ``batched=False`` the torch path is used.
 
     Notes
     -----
@@ -223,7 +234,7 @@ class ConvergentRSGD(RiemannianSGD):
                  radius_scaling=None, stabilize: int | None = 100, nonfinite: str = "raise",
                  decay_manifold: bool = False, batched: bool = True, log_stats: bool = False,
                  guarantee: bool = False, chunk_numel: int = 1 << 18,
-                 native: bool | None = None):
+                 native: bool | None = None, backend: str = "auto"):
         _check_hyper("ConvergentRSGD: ", dict(lr=lr, momentum=momentum, dampening=dampening,
                                               weight_decay=weight_decay, nesterov=nesterov,
                                               rho=rho, max_step=max_step))
@@ -244,6 +255,25 @@ class ConvergentRSGD(RiemannianSGD):
         self.chunk_numel = int(chunk_numel)
         if native not in (None, True, False):
             raise ValueError(f"native must be None, True or False, got {native!r}")
+        if backend not in _BACKENDS:
+            raise ValueError(f"backend must be one of {_BACKENDS}, got {backend!r}")
+        if native is not None:  # alias: must agree with an explicit backend
+            alias = "native" if native else "torch"
+            if backend not in ("auto", alias):
+                raise ValueError(f"native={native!r} contradicts backend={backend!r}; pass "
+                                 "only backend")
+            backend = alias
+        if backend == "native":
+            native = True
+        elif backend in ("torch", "triton"):
+            native = False
+        if backend == "triton":
+            from . import triton_backend as _tb
+
+            if not _tb.available():
+                raise RuntimeError("backend='triton' is unavailable: "
+                                   f"{_tb.unavailable_reason()}; use backend='auto'")
+        self.backend = backend
         if native and not _native.available():
             raise RuntimeError("native=True but the fused CPU kernels are unavailable: "
                                f"{_native.unavailable_reason()}; pass native=None or False")
@@ -266,7 +296,7 @@ class ConvergentRSGD(RiemannianSGD):
     #: configuration kept by pickling/deepcopy (``Optimizer.__getstate__`` keeps only
     #: defaults, state and groups); plans and caches are rebuilt on the next step
     _PICKLED = ("nonfinite", "batched", "log_stats", "guarantee", "chunk_numel",
-                "radius_scaling", "skipped_steps", "native", "_schedule_ok",
+                "radius_scaling", "skipped_steps", "native", "backend", "_schedule_ok",
                 "_guarantee_checked", "_warned_foreign", "_stabilize")
 
     def __getstate__(self):
@@ -445,7 +475,11 @@ class ConvergentRSGD(RiemannianSGD):
         with torch.no_grad():
             if self.radius_scaling is not None:
                 self.radius_scaling.refresh()
-            if self.batched:
+            if self.batched and self._use_triton():
+                from . import triton_backend as _tb
+
+                done = _tb.step(self)
+            elif self.batched:
                 done = self._step_batched()
             else:
                 done = self._step_reference()
@@ -666,6 +700,19 @@ class ConvergentRSGD(RiemannianSGD):
         # the plan caches views of the parameters: a new storage (``p.data = ...``) rebuilds it
         return tuple(tuple((p.grad is not None, p.data_ptr()) for p in g["params"])
                      for g in self.param_groups)
+
+    def _use_triton(self) -> bool:
+        backend = getattr(self, "backend", "auto")
+        if backend not in ("auto", "triton") or self.log_stats or _compiling():
+            return False
+        if backend == "triton":
+            return True
+        if not torch.cuda.is_available() or not any(
+                p.is_cuda for g in self.param_groups for p in g["params"]):
+            return False
+        from . import triton_backend as _tb
+
+        return _tb.available()
 
     def _use_native(self) -> bool:
         # ctypes calls and torch's fused SGD cannot be traced: torch.compile gets torch ops

@@ -1,0 +1,172 @@
+"""Triton kernels of :mod:`kernelgeo.optim.triton_backend` (imported only when Triton is)."""
+
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def _header(tiles, itab, ftab, t, IS64: tl.constexpr):
+    it = tl.load(tiles + 3 * t)
+    c0 = tl.load(tiles + 3 * t + 1)
+    nc = tl.load(tiles + 3 * t + 2)
+    ib = itab + 8 * it
+    fb = ftab + 8 * it
+    if IS64:
+        pt = tl.pointer_type(tl.float64)
+    else:
+        pt = tl.pointer_type(tl.float32)
+    xp = tl.load(ib).to(pt)
+    gp = tl.load(ib + 1).to(pt)
+    bp = tl.load(ib + 2).to(pt)
+    a = tl.load(ib + 3)
+    s = tl.load(ib + 4)
+    flags = tl.load(ib + 5)
+    lr = tl.load(fb)
+    r = tl.load(fb + 1)
+    cap = tl.load(fb + 2)
+    mu = tl.load(fb + 3)
+    damp = tl.load(fb + 4)
+    return xp, gp, bp, c0, nc, a, s, flags, lr, r, cap, mu, damp
+
+@triton.jit
+def _step_size(rn, lr, cap, rule):
+    # kernelgeo.optim.step_rules.step_sizes: g = lr / max(1, lr R / cap) (rule 1)
+    return tl.where(rule, lr / tl.maximum(rn * (lr / cap), 1.0), lr)
+
+@triton.jit
+def sphere_short(tiles, itab, ftab, tile0, BC: tl.constexpr, BA: tl.constexpr,
+                 IS64: tl.constexpr):
+    t = tile0 + tl.program_id(0)
+    xp, gp, bp, c0, nc, a, s, flags, lr, r, cap, mu, damp = _header(tiles, itab, ftab,
+                                                                     t, IS64)
+    center = (flags & 1) != 0
+    fresh = (flags & 2) != 0
+    rule = (flags & 4) != 0
+    hasb = (flags & 8) != 0
+    nest = (flags & 16) != 0
+    ci = c0 + tl.arange(0, BC).to(tl.int64)
+    cm = tl.arange(0, BC) < nc
+    k = tl.arange(0, BA).to(tl.int64)
+    km = k < a
+    blk = ci // s
+    off = (blk * a * s + (ci - blk * s))[:, None] + k[None, :] * s
+    m = cm[:, None] & km[None, :]
+    # double precision in registers: sums of squares of float32 data cannot overflow
+    x = tl.load(xp + off, mask=m, other=0.0).to(tl.float64)
+    g = tl.load(gp + off, mask=m, other=0.0).to(tl.float64)
+    gm = tl.sum(g, 1) / a.to(g.dtype)  # a >= 1
+    g = tl.where(m, g - tl.where(center, gm, 0.0)[:, None], 0.0)
+    r2 = r * r
+    u = g - (tl.sum(x * g, 1) / r2)[:, None] * x
+    mb = m & hasb
+    b = tl.load(bp + off, mask=mb, other=0.0).to(tl.float64)
+    bn = tl.where(fresh, u, mu * b + (1.0 - damp) * u)
+    d = tl.where(hasb, tl.where(nest, u + mu * bn, bn), u)
+    rn = tl.sqrt(tl.sum(d * d, 1))
+    stp = _step_size(rn, lr, cap, rule)
+    y = x - stp[:, None] * d
+    # padding rows (beyond nc) have y = 0: keep their (unstored) values finite
+    c = r / tl.sqrt(tl.where(cm, tl.sum(y * y, 1), 1.0))
+    xn = c[:, None] * y
+    tl.store(xp + off, xn.to(xp.dtype.element_ty), mask=m)
+    bt_ = bn - (tl.sum(xn * bn, 1) / r2)[:, None] * xn
+    tl.store(bp + off, bt_.to(bp.dtype.element_ty), mask=mb)
+
+@triton.jit
+def sphere_long(tiles, itab, ftab, tile0, BA: tl.constexpr, IS64: tl.constexpr):
+    t = tile0 + tl.program_id(0)
+    xp, gp, bp, c0, nc, a, s, flags, lr, r, cap, mu, damp = _header(tiles, itab, ftab,
+                                                                     t, IS64)
+    center = (flags & 1) != 0
+    fresh = (flags & 2) != 0
+    rule = (flags & 4) != 0
+    hasb = (flags & 8) != 0
+    nest = (flags & 16) != 0
+    blk = c0 // s
+    base = blk * a * s + (c0 - blk * s)
+    k0 = tl.arange(0, BA).to(tl.int64)
+    r2 = r * r
+    zero = tl.zeros([BA], dtype=tl.float64)  # double sums (see sphere_short)
+    # pass 1: <x, G>, sum x, sum G (centring)
+    axg = zero
+    ax = zero
+    ag = zero
+    for st in range(0, a, BA):
+        k = st + k0
+        km = k < a
+        x = tl.load(xp + base + k * s, mask=km, other=0.0).to(tl.float64)
+        g = tl.load(gp + base + k * s, mask=km, other=0.0).to(tl.float64)
+        axg += x * g
+        ax += x
+        ag += g
+    mg = tl.where(center, tl.sum(ag, 0) / a.to(lr.dtype), 0.0)
+    cu = (tl.sum(axg, 0) - mg * tl.sum(ax, 0)) / r2
+    # pass 2: momentum written (the gradients were checked), |d|^2, <d, B>, <x, B>
+    add = zero
+    adb = zero
+    axb = zero
+    for st in range(0, a, BA):
+        k = st + k0
+        km = k < a
+        x = tl.load(xp + base + k * s, mask=km, other=0.0).to(tl.float64)
+        g = tl.load(gp + base + k * s, mask=km, other=0.0).to(tl.float64)
+        u = tl.where(km, g - mg - cu * x, 0.0)
+        mb = km & hasb
+        b = tl.load(bp + base + k * s, mask=mb, other=0.0).to(tl.float64)
+        bn = tl.where(fresh, u, mu * b + (1.0 - damp) * u)
+        tl.store(bp + base + k * s, bn.to(bp.dtype.element_ty), mask=mb)
+        d = tl.where(hasb, tl.where(nest, u + mu * bn, bn), u)
+        add += d * d
+        adb += d * bn
+        axb += x * bn
+    rn = tl.sqrt(tl.sum(add, 0))
+    stp = _step_size(rn, lr, cap, rule)
+    # pass 3: |y|^2, y = x - g d
+    ayy = zero
+    for st in range(0, a, BA):
+        k = st + k0
+        km = k < a
+        x = tl.load(xp + base + k * s, mask=km, other=0.0).to(tl.float64)
+        g = tl.load(gp + base + k * s, mask=km, other=0.0).to(tl.float64)
+        u = tl.where(km, g - mg - cu * x, 0.0)
+        bn = tl.load(bp + base + k * s, mask=km & hasb, other=0.0).to(tl.float64)
+        d = tl.where(hasb, tl.where(nest, u + mu * bn, bn), u)
+        y = x - stp * d
+        ayy += y * y
+    c = r / tl.sqrt(tl.sum(ayy, 0))
+    # <x', B> = c (<x, B> - g <d, B>): B' = B - <x', B>/r^2 x'
+    cb = c * (tl.sum(axb, 0) - stp * tl.sum(adb, 0)) / r2
+    # pass 4: x' and the transported momentum
+    for st in range(0, a, BA):
+        k = st + k0
+        km = k < a
+        x = tl.load(xp + base + k * s, mask=km, other=0.0).to(tl.float64)
+        g = tl.load(gp + base + k * s, mask=km, other=0.0).to(tl.float64)
+        u = tl.where(km, g - mg - cu * x, 0.0)
+        mb = km & hasb
+        bn = tl.load(bp + base + k * s, mask=mb, other=0.0).to(tl.float64)
+        d = tl.where(hasb, tl.where(nest, u + mu * bn, bn), u)
+        xn = c * (x - stp * d)
+        tl.store(xp + base + k * s, xn.to(xp.dtype.element_ty), mask=km)
+        tl.store(bp + base + k * s, (bn - cb * xn).to(bp.dtype.element_ty), mask=mb)
+
+@triton.jit
+def check_finite(chunks, ttab, out, out0, big, IS64: tl.constexpr, BLOCK: tl.constexpr,
+                 NB: tl.constexpr):
+    # out[out0 + pid] = largest |entry| of this program's range, +inf for a NaN (Inf stays)
+    pid = tl.program_id(0)
+    ti = tl.load(chunks + 2 * pid)
+    start = tl.load(chunks + 2 * pid + 1)
+    if IS64:
+        pt = tl.pointer_type(tl.float64)
+    else:
+        pt = tl.pointer_type(tl.float32)
+    p = tl.load(ttab + 2 * ti).to(pt)
+    n = tl.load(ttab + 2 * ti + 1)
+    off0 = tl.arange(0, BLOCK).to(tl.int64)
+    m = tl.zeros([BLOCK], dtype=tl.float64)
+    for i in range(NB):
+        off = start + i * BLOCK + off0
+        v = tl.load(p + off, mask=off < n, other=0.0).to(tl.float64)
+        m = tl.maximum(m, tl.where(v == v, tl.abs(v), big))
+    tl.store(out + out0 + pid, tl.max(m, 0))
