@@ -20,9 +20,10 @@ from .constrain import (  # noqa: E402
     project_,
 )
 from .manifolds import available, get_manifold  # noqa: E402
+from .runs import load_run  # noqa: E402
 
 __all__ = [
     "__version__", "manifolds", "constrain", "ConstrainReport", "LayerEntry",
     "KernelProjectionWarning", "constraint_error", "manifold_parameters", "project_",
-    "load_state_dict", "available", "get_manifold",
+    "load_state_dict", "available", "get_manifold", "load_run",
 ]
