@@ -273,3 +273,19 @@ def test_cli_help_gives_every_default(capsys):
     for opt in ("--out", "--name", "--force", "--no-sharpness", "--no-slices", "--threads"):
         assert opt in text
     assert "runs/analyze/" in text
+
+
+def test_uncertified_stiefel_distance_is_nan_with_the_reason(runs):
+    from kernelgeo.analysis.report import analyze_run
+
+    run = load_run(runs["stiefel"][0])
+    name = "layer2.0.conv1.weight"
+    # -X is far from X on St(144, 32): no certified minimising geodesic
+    run.init_state[name] = -run.model.state_dict()[name].clone()
+    res = analyze_run(run, with_sharpness=False, with_slices=False, subset=32,
+                      interp_points=5)
+    lay = next(lay for lay in res.layers if lay.name == name)
+    assert math.isnan(lay.distance) and lay.distance_note.startswith("distance refused: ")
+    assert "St(144,32)" in lay.distance_note and math.isfinite(lay.chordal)
+    others = [lay for lay in res.layers if lay.name != name]
+    assert all(math.isfinite(lay.distance) and not lay.distance_note for lay in others)

@@ -264,8 +264,9 @@ def _layer_rows(run, grads, moms, sym_layers) -> list[LayerAnalysis]:
             warnings.simplefilter("always")
             dists = layer_distances(mans, run.init_state, run.model)
         for w in caught:
-            msg = str(w.message)
-            dist_notes[msg.split(":", 1)[0]] = msg.split(":", 1)[-1].strip()
+            # "<name>: <metric> distance not computed, recorded as NaN: <reason>"
+            name, _, rest = str(w.message).partition(": ")
+            dist_notes[name] = "distance refused: " + rest.rpartition("recorded as NaN: ")[2]
     for name, p in run.model.named_parameters():
         if p.dim() < 2:
             continue
@@ -587,8 +588,10 @@ def _write(res: list[RunAnalysis], out: Path, opts: dict, log) -> Path:
     md += [f"- {r.label}: {r.sharp_note}" for r in res if r.sharp_note] + [
           "", "## 1-D interpolation", "",
           "Loss and accuracy on the training subset from the initialization (t=0) to the "
-          "trained weights (t=1) along the geodesic of the kernels' manifolds (solid) and "
-          "along the straight line (dashed, kernels leave their manifolds); t = "
+          "trained weights (t=1) along the geodesic of the kernels' manifolds (solid; a "
+          "Stiefel kernel whose distance is refused above follows a verified geodesic "
+          "through both ends that need not be the shortest) and along the straight line "
+          "(dashed, kernels leave their manifolds); t = "
           + ", ".join(f"{t:g}" for t in interpolation_grid(opts["interp_points"])) + ".", ""]
     rows = []
     for r in res:
