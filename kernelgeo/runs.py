@@ -12,11 +12,12 @@ contents changed).  The data are loaded with the run's own settings
 
 Initial weights.  Training seeds the global generators with the configuration's ``seed``
 immediately before building and constraining the model, so the initialization is re-created
-deterministically from the configuration.  Runs do not store their epoch-0 weights, so the
-re-created initialization cannot be compared with a stored one; :attr:`Run.init_note` says
-so.  Where the model cannot be re-created (an unknown seed, a model that is not built by
-:func:`kernelgeo.models.get_model`), :attr:`Run.init_state` is ``None`` and distances from the
-initialization are unavailable, with the reason in :attr:`Run.init_note`.
+deterministically from the configuration.  ``kernelgeo train`` does not store its epoch-0
+weights, so the re-created initialization cannot be compared with a stored one and
+:attr:`Run.init_note` says so; a checkpoint that does hold them (entry :data:`INIT_KEY`) is
+compared with the re-created ones and its stored weights are used.  With
+``with_init=False`` :attr:`Run.init_state` is ``None`` and distances from the initialization
+are unavailable, with the reason in :attr:`Run.init_note`.
 """
 
 from __future__ import annotations
@@ -30,7 +31,7 @@ from typing import Any
 import torch
 from torch import nn
 
-__all__ = ["RunError", "Run", "load_run"]
+__all__ = ["RunError", "Run", "load_run", "INIT_KEY"]
 
 
 class RunError(ValueError):
@@ -131,6 +132,8 @@ class Run:
         return next(iter(loader))
 
 
+#: optional checkpoint entry holding the epoch-0 state dict (compared with the re-created one)
+INIT_KEY = "init_model"
 _REQUIRED = ("format", "config", "model", "optimizer", "epoch", "step", "history")
 
 
@@ -266,11 +269,18 @@ def load_run(path: str | Path, *, data=None, with_init: bool = True) -> Run:
             raise RunError(f"{p / 'metrics.jsonl'}: unreadable metrics ({err})") from None
     summary = _read_json(p / "summary.json", "summary") if (p / "summary.json").is_file() \
         else {}
-    if with_init:
-        note = ("re-created from the configuration's seed " f"{cfg.seed} (the run stores no "
+    stored = state.get(INIT_KEY)
+    if not with_init:
+        init_state, note = None, "not requested"
+    elif stored is None:
+        note = (f"re-created from the configuration's seed {cfg.seed} (the run stores no "
                 "epoch-0 weights to compare with)")
     else:
-        init_state, note = None, "not requested"
+        same = stored.keys() == init_state.keys() and all(
+            torch.equal(stored[k], init_state[k]) for k in stored)
+        init_state = {k: v.clone() for k, v in stored.items()}
+        note = ("stored in the checkpoint; re-created from the seed: "
+                + ("identical" if same else "different (the stored weights are used)"))
     return Run(p, cfg, dict(state["config"]), model, data, train_loader, test_loader,
                history, summary, int(state["epoch"]), int(state["step"]),
                state["optimizer"], init_state, note)

@@ -289,3 +289,26 @@ def test_uncertified_stiefel_distance_is_nan_with_the_reason(runs):
     assert "St(144,32)" in lay.distance_note and math.isfinite(lay.chordal)
     others = [lay for lay in res.layers if lay.name != name]
     assert all(math.isfinite(lay.distance) and not lay.distance_note for lay in others)
+
+
+def test_stored_initial_weights_are_compared_and_used(runs, tmp_path):
+    from kernelgeo.checkpoint import load_checkpoint, save_checkpoint
+    from kernelgeo.runs import INIT_KEY
+
+    src, _, init = runs["sphere"]
+    for name, tamper, word in [("same", False, "identical"), ("other", True, "different")]:
+        d = tmp_path / name
+        d.mkdir()
+        (d / "config.json").write_bytes((src / "config.json").read_bytes())
+        state = load_checkpoint(src / "checkpoint.pt")
+        state.pop("checksums", None)
+        stored = {k: v.clone() for k, v in init.items()}
+        if tamper:
+            stored["fc.bias"] += 1.0
+        state[INIT_KEY] = stored
+        save_checkpoint(state, d / "checkpoint.pt")
+        run = load_run(d)
+        assert word in run.init_note
+        assert torch.equal(run.init_state["fc.bias"], stored["fc.bias"])
+    assert "no epoch-0 weights" in load_run(src).init_note
+    assert load_run(src, with_init=False).init_state is None
