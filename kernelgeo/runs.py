@@ -186,7 +186,7 @@ def load_run(path: str | Path, *, data=None, with_init: bool = True) -> Run:
     Parameters
     ----------
     path : str or Path
-        A directory written by ``kernelgeo train`` (or :func:`kernelgeo.train.train`) with a
+        A directory written by ``kernelgeo train`` (or :func:`kernelgeo.training.train`) with a
         checkpoint (runs trained with ``--no-checkpoint`` cannot be analysed).
     data : ImageData or FolderData, optional
         The run's data set, already loaded (otherwise loaded from the configuration).

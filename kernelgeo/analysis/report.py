@@ -1,7 +1,7 @@
 r"""The normalization report: how each kernel geometry reshapes the search space of a trained run.
 
 :func:`normalization_report` reads one or more ``kernelgeo train`` run directories (with
-:func:`kernelgeo.load_run`) and writes ``report.md`` with figures and ``summary.json``.  For
+:func:`kernelgeo.runs.load_run`) and writes ``report.md`` with figures and ``summary.json``.  For
 every kernel of every run it measures, at the trained weights:
 
 * **invariance gap**: the per-layer symmetry the network really has (a convolution or linear
@@ -340,7 +340,7 @@ def analyze_run(run, *, label: str | None = None, points: int = DEFAULTS["points
                 sharpness_subset: int = DEFAULTS["sharpness_subset"],
                 interp_points: int = DEFAULTS["interp_points"], with_sharpness: bool = True,
                 with_slices: bool = True, seed: int = DEFAULTS["seed"]) -> RunAnalysis:
-    """Measure one loaded run (:func:`kernelgeo.load_run`); see the module docstring.
+    """Measure one loaded run (:func:`kernelgeo.runs.load_run`); see the module docstring.
 
     Parameters
     ----------
@@ -441,7 +441,7 @@ def normalization_report(run_dirs: Sequence[str | Path], out_dir: str | Path, *,
     Parameters
     ----------
     run_dirs : sequence of path
-        Directories of ``kernelgeo train`` runs (loaded with :func:`kernelgeo.load_run`).
+        Directories of ``kernelgeo train`` runs (loaded with :func:`kernelgeo.runs.load_run`).
     out_dir : str or Path
         Created if needed.
     points, span, subset, sharpness_subset, interp_points, seed
