@@ -90,7 +90,7 @@ def seed_runs(summaries: Sequence[Mapping], geometries: Sequence[str] | None = N
     Parameters
     ----------
     summaries : sequence of dict
-        Summaries as returned by :func:`kernelgeo.train.train` (``geometry`` and
+        Summaries as returned by :func:`kernelgeo.training.train` (``geometry`` and
         ``history``, a list of per-epoch metric dicts).
     geometries : sequence of str, optional
         Order of the geometries (default: order of first appearance).
