@@ -9,7 +9,7 @@ STAMP := $(VENV)/.stamp-install
 # matching pair avoids torchvision's "operator torchvision::nms does not exist".
 TORCH_PINS ?= torch==2.14.1 torchvision==0.29.1
 
-.PHONY: all venv demo test test-fast lint docs bench clean
+.PHONY: all venv demo test test-fast lint docs screenshots bench clean
 
 all: test
 
@@ -36,6 +36,11 @@ lint: $(STAMP)
 
 docs: $(STAMP)
 	$(PY) -m sphinx -W --keep-going -b html -j 1 docs docs/_build/html
+
+# headless-Chromium screenshots of built pages into docs/_build/screenshots (needs chromium:
+# apt-get install chromium); not part of CI
+screenshots: docs
+	PY=$(PY) HTML=docs/_build/html bash docs/screenshots/take.sh
 
 bench: $(STAMP)
 	$(PY) bench/optimizer_step.py

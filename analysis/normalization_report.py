@@ -2,8 +2,8 @@
 """Normalization report on trained runs: how each run's kernel geometry reshapes its search
 space (invariance gap, curvature along the optimizer's gradient and momentum, normal
 curvature, distance from the initialization, sharpness, 1-D and 2-D landscapes).  Same
-options as ``kernelgeo analyze``; without run directories it first trains one short digits
-run per geometry with ``kernelgeo train`` (kept in ``<out>/runs``).
+options as ``kernelgeo analyze``; without run directories it first trains one digits run per
+geometry of ``--geometries`` with ``kernelgeo train`` (kept in ``<out>/runs``).
 
 Example::
 
@@ -28,12 +28,12 @@ GEOMETRIES = ("euclidean", "sphere", "centered-sphere", "oblique", "stiefel",
               "po:sphere+stiefel")
 
 
-def train_examples(out: Path, epochs: int, threads: int | None) -> list[str]:
-    """One digits run per geometry of :data:`GEOMETRIES` (existing runs are reused)."""
+def train_examples(out: Path, geometries, epochs: int, threads: int | None) -> list[str]:
+    """One digits run per geometry (existing finished runs are reused)."""
     from kernelgeo.train import TrainConfig, geometry_slug, train
 
     dirs = []
-    for g in GEOMETRIES:
+    for g in geometries:
         d = out / "runs" / geometry_slug(g)
         if not (d / "summary.json").is_file():
             train(TrainConfig(dataset="digits", epochs=epochs, geometry=g, out=str(d),
@@ -47,12 +47,17 @@ def main(argv=None) -> int:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     # run directories are optional here: without them, example runs are trained first
     add_analyze_arguments(parser, runs_optional=True)
+    parser.add_argument("--geometries", nargs="+", default=list(GEOMETRIES), metavar="SPEC",
+                        help="geometries of the example runs (default: %(default)s)")
     parser.add_argument("--epochs", type=int, default=6,
                         help="epochs of the example runs (default: %(default)s)")
     parser.set_defaults(out="results/normalization_report")
     args = parser.parse_args(argv)
     if not args.runs:
-        args.runs = train_examples(Path(args.out), args.epochs, args.threads)
+        args.runs = train_examples(Path(args.out), args.geometries, args.epochs,
+                                   args.threads)
+    elif "--geometries" in (argv if argv is not None else sys.argv[1:]):
+        parser.error("--geometries only applies without RUN_DIR (example runs)")
     return main_analyze(args)
 
 

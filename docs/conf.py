@@ -8,10 +8,11 @@ Offline by design: CI reaches PyPI only, so nothing here may need the network to
   ``KERNELGEO_DOCS_INTERSPHINX=1``, because fetching the inventories fails without internet
   and ``-W`` would turn that into an error.  Without it, type names such as
   ``torch.Tensor`` render as plain (unlinked) code.
-* MathJax is loaded by the reader's browser from its CDN (the build does not fetch it).  To
-  view the pages offline set ``KERNELGEO_DOCS_MATHJAX`` to a local copy, e.g.
-  ``file:///usr/share/javascript/mathjax/MathJax.js?config=TeX-AMS-MML_HTMLorMML`` (Debian's
-  ``libjs-mathjax``, MathJax 2), before building (``docs/screenshots/take.sh`` does).
+* MathJax 3 is part of the built site (``_ext/kgmathjax.py`` copies it from the
+  ``sphinx-mathjax-offline`` package of the ``docs`` extra): formulas render with no network,
+  from ``file://`` too.  ``KERNELGEO_DOCS_MATHJAX=URL`` loads MathJax 3 from ``URL`` instead.
+* The command-line reference is generated from the argparse parsers (``_ext/kgcli.py``) and
+  the ``analysis/`` scripts are run with small arguments at build time (``_ext/kggallery.py``).
 """
 
 from __future__ import annotations
@@ -42,6 +43,9 @@ extensions = [
     "numpydoc",
     "matplotlib.sphinxext.plot_directive",
     "kgdocs",
+    "kgmathjax",
+    "kgcli",
+    "kggallery",
 ]
 
 templates_path = []
@@ -65,13 +69,8 @@ _MACROS = {
     "skew": r"\mathrm{skew}",
     "tr": r"\operatorname{tr}",
 }
-_mathjax = os.environ.get("KERNELGEO_DOCS_MATHJAX")
-if _mathjax:
-    mathjax_path = _mathjax
-if _mathjax and "MathJax.js" in _mathjax:  # a local MathJax 2 (Debian's libjs-mathjax)
-    mathjax2_config = {"TeX": {"Macros": _MACROS}}
-else:
-    mathjax3_config = {"tex": {"macros": _MACROS}}
+# MathJax 3 (served from _static by kgmathjax); the SVG renderer needs no web fonts
+mathjax3_config = {"tex": {"macros": _MACROS}, "svg": {"fontCache": "global"}}
 
 # ----------------------------------------------------------------------- autodoc/numpydoc
 autodoc_default_options = {"members": True, "undoc-members": True, "member-order": "bysource",

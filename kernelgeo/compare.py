@@ -7,7 +7,8 @@ geometry x seed (the data are decoded once), then writes to the output directory
     <out>/runs.csv                 one row per run
     <out>/results.csv              one row per geometry: mean +- std over seeds
     <out>/report.md                the table, settings, command, machine and date
-    <out>/loss.png, error.png      training/test loss and test error per epoch (seed means)
+    <out>/loss.png, error.png      training/test loss (seed means) and test error per epoch
+                                   (seed means with min-max bands)
 """
 
 from __future__ import annotations
@@ -86,7 +87,8 @@ def format_table(rows: Sequence[dict], dataset_label: str) -> str:
 
 def plot_curves(summaries: Sequence[dict], geometries: Sequence[str], out: Path,
                 title: str = "") -> list[Path]:
-    """Write ``loss.png`` (train solid, test dashed) and ``error.png`` (test error), seed means.
+    """Write ``loss.png`` (train solid, test dashed; seed means) and ``error.png`` (test error:
+    seed mean, min-max band and n, :func:`~kernelgeo.analysis.plotting.plot_error_curves`).
 
     Returns
     -------
@@ -94,6 +96,8 @@ def plot_curves(summaries: Sequence[dict], geometries: Sequence[str], out: Path,
         The files written.
     """
     import matplotlib
+
+    from .analysis.plotting import plot_error_curves, seed_runs
 
     matplotlib.use("Agg", force=True)
     import matplotlib.pyplot as plt
@@ -105,8 +109,7 @@ def plot_curves(summaries: Sequence[dict], geometries: Sequence[str], out: Path,
         return np.arange(1, n + 1), a.mean(0)
 
     written = []
-    for fname, keys, ylabel in (("loss.png", ("train_loss", "test_loss"), "cross-entropy"),
-                                ("error.png", ("test_error",), "test error (%)")):
+    for fname, keys, ylabel in (("loss.png", ("train_loss", "test_loss"), "cross-entropy"),):
         fig, ax = plt.subplots(figsize=(6.4, 4.2), dpi=110)
         for i, g in enumerate(geometries):
             runs = [s for s in summaries if s["geometry"] == g and s["history"]]
@@ -115,19 +118,14 @@ def plot_curves(summaries: Sequence[dict], geometries: Sequence[str], out: Path,
             color = f"C{i % 10}"
             for key, ls in zip(keys, ("-", "--")):
                 x, y = mean_curve(runs, key)
-                if key == "test_error":
-                    y = 100 * y
-                lab = g if key in ("train_loss", "test_error") else None
+                lab = g if key == "train_loss" else None
                 ax.plot(x, y, ls, color=color, label=lab)
         ax.set_xlabel("epoch")
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.set_ylabel(ylabel)
-        if fname == "loss.png":
-            ax.set_yscale("log")
-            ax.set_title((title + "\n" if title else "") + "train (solid) and test (dashed) loss",
-                         fontsize=9)
-        else:
-            ax.set_title((title + "\n" if title else "") + "test error", fontsize=9)
+        ax.set_yscale("log")
+        ax.set_title((title + "\n" if title else "") + "train (solid) and test (dashed) loss, "
+                     "seed means", fontsize=9)
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
         fig.tight_layout()
@@ -135,6 +133,9 @@ def plot_curves(summaries: Sequence[dict], geometries: Sequence[str], out: Path,
         fig.savefig(p)
         plt.close(fig)
         written.append(p)
+    # test error with its spread over seeds and n
+    written.append(plot_error_curves(seed_runs(summaries, geometries), out / "error.png",
+                                     title=title))
     return written
 
 
@@ -152,7 +153,9 @@ def write_report(out: Path, summaries: Sequence[dict], geometries: Sequence[str]
         w.writeheader()
         for r in rows:
             w.writerow({"dataset": dataset_label, **r})
-    plots = plot_curves(summaries, geometries, out, title=f"{title} — {dataset_label}")
+    from .analysis.plotting import join_title
+
+    plots = plot_curves(summaries, geometries, out, title=join_title(title, dataset_label))
     mach = machine_info()
     s0 = summaries[0] if summaries else {}
     md = [f"# {title}", "",

@@ -11,7 +11,13 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ._compat import ManifoldParameter
+from .constrain import (
+    _install_load_hooks,
+    _project,
+    _radius_problem,
+    _tensor_problem,
+    _to_manifold,
+)
 from .manifolds import Euclidean, KernelManifold, KernelShapeError, get_manifold
 
 __all__ = ["Conv1d", "Conv2d", "Conv3d", "ManifoldConvMixin"]
@@ -24,29 +30,50 @@ class ManifoldConvMixin:
     manifold (for spheres this is the uniform distribution on each sphere, since the default
     Kaiming-uniform law of a filter is invariant under sign flips and coordinate permutations
     only; projecting a Gaussian would be exactly uniform).
+
+    The weight stays the ``nn.Parameter`` object the base layer created (it changes class,
+    as in :func:`kernelgeo.constrain`), and loading a state dict goes through the same
+    checks (NaN/Inf and shape refused, off-manifold entries projected with a warning); a
+    model that merely contains such layers checks a load into itself before copying
+    anything once :func:`kernelgeo.constrain` has been called on it (``spec=None`` changes
+    nothing and installs the checks on every module).
+    Refused with a :class:`ValueError` naming the shape: a kernel that cannot hold the
+    manifold, the meta device, a non-floating dtype, a radius whose square or inverse
+    square is not a finite normal number of the dtype.  Half-precision kernels are
+    projected in float32 and rounded once.
     """
 
     def _setup_manifold(self, manifold, manifold_kwargs):
         m = get_manifold(manifold, **manifold_kwargs)
         shape = tuple(self.weight.shape)
+        where = f"{type(self).__name__} with kernel shape {shape}"
         try:
             m.check_kernel_shape(shape)
         except KernelShapeError as err:
-            raise ValueError(f"{type(self).__name__} with kernel shape {shape}: {err}") from None
+            raise ValueError(f"{where}: {err}") from None
         if isinstance(m, Euclidean):
             self.manifold = None
             return
+        if self.weight.is_meta:
+            raise ValueError(
+                f"{where}: cannot be built on the meta device (its kernel would have no values "
+                "to project, and Module.to_empty would replace the manifold parameter by a "
+                "plain one); build it on a real device, or build torch.nn layers on meta and "
+                "call kernelgeo.constrain once the model is materialised")
+        problem = (_tensor_problem(self.weight, "its weight")
+                   or _radius_problem(m, shape, self.weight.dtype))
+        if problem:
+            raise ValueError(f"{where} ({self.weight.dtype}): {problem}")
         self.manifold = m
-        with torch.no_grad():
-            self.weight = ManifoldParameter(m.projx(self.weight.detach()).contiguous(),
-                                            manifold=m)
+        _to_manifold(self.weight, m)
+        _install_load_hooks(self)
 
     def reset_parameters(self) -> None:
         super().reset_parameters()
         m = getattr(self, "manifold", None)
         if isinstance(m, KernelManifold):
             with torch.no_grad():
-                self.weight.copy_(m.projx(self.weight))
+                self.weight.copy_(_project(m, self.weight))
 
     def extra_repr(self) -> str:
         s = super().extra_repr()

@@ -27,6 +27,8 @@ def _isolate(monkeypatch, tmp_path):
     (tmp_path / "a" / "b").mkdir(parents=True)
     monkeypatch.chdir(tmp_path / "a" / "b")
     monkeypatch.setattr(kd, "_REPO_ROOT", tmp_path / "a" / "repo")
+    # Debian's dataset-fashion-mnist may be installed system-wide
+    monkeypatch.setattr(kd, "_debian_fashion_dirs", lambda: [])
     kd._load_cached.cache_clear()
 
 

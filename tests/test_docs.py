@@ -816,3 +816,81 @@ def test_markdown_include_renders_without_warnings():
     for snippet in ("stiefel_qr", "snake_case_name", "2*3=6", "make bench", "a | b",
                     "on a third line", "without a blank line"):
         assert snippet in text
+
+
+# ========================================================== generated pages, offline maths
+def _ext(name):
+    import importlib
+    import sys
+
+    sys.path.insert(0, str(DOCS / "_ext"))
+    try:
+        return importlib.import_module(name)
+    finally:
+        sys.path.remove(str(DOCS / "_ext"))
+
+
+def test_cli_reference_finds_the_parser_main_uses(monkeypatch):
+    """docs/cli.rst renders the parser that ``kernelgeo.cli.main`` really parses with, and
+    every subcommand's ``--help`` (found without running any command)."""
+    kgcli = _ext("kgcli")
+    parser = kgcli.capture_parser("kernelgeo.cli", prog="kernelgeo")
+    cmds = kgcli.commands(parser)
+    assert len(cmds) >= 3, "the kernelgeo command has subcommands"
+    for words, helpline, p in cmds:
+        text = kgcli.format_help(p)
+        assert text.startswith("usage: kernelgeo"), words
+        assert " ".join(words) in text.splitlines()[0]
+        monkeypatch.setenv("COLUMNS", "200")  # the page does not depend on a terminal
+        assert kgcli.format_help(p) == text
+        monkeypatch.delenv("COLUMNS")
+        if words:
+            assert helpline, f"subcommand {words} has no help line"
+    assert "cli-reference:: kernelgeo.cli" in (DOCS / "cli.rst").read_text()
+
+
+def test_cli_reference_fails_loudly_when_main_does_not_parse(tmp_path, monkeypatch):
+    from sphinx.errors import ExtensionError
+
+    kgcli = _ext("kgcli")
+    (tmp_path / "fake_cli.py").write_text("def main(argv=None):\n    return 0\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    with pytest.raises(ExtensionError, match="without calling"):
+        kgcli.capture_parser("fake_cli")
+    with pytest.raises(ExtensionError, match="cannot import"):
+        kgcli.capture_parser("kernelgeo.cli", entry="no_such_main")
+
+
+def test_mathjax_is_served_from_the_site():
+    """Formulas render offline: MathJax's SVG build comes from the docs extra."""
+    pytest.importorskip("sphinx")
+    kgmathjax = _ext("kgmathjax")
+    import importlib.util
+
+    if importlib.util.find_spec(kgmathjax.PACKAGE) is None:
+        pytest.skip(f"{kgmathjax.PACKAGE} (docs extra) is not installed")
+    d = kgmathjax.mathjax_dir()
+    assert (d / "tex-svg.js").stat().st_size > 100_000
+    assert "https://" not in (DOCS / "conf.py").read_text().split("intersphinx_mapping")[0]
+
+
+def test_every_analysis_script_is_in_the_gallery():
+    text = (DOCS / "gallery.rst").read_text()
+    scripts = sorted(p.name for p in (DOCS.parent / "analysis").glob("*.py"))
+    assert scripts
+    for name in scripts:
+        assert f".. analysis-script:: analysis/{name}" in text, name
+
+
+def test_tutorials_show_their_output_and_imports():
+    """No skipped examples (the page would show code without its output) and no names that
+    only the build's hidden pre-code defines."""
+    for path in sorted((DOCS / "tutorials").glob("*.rst")):
+        text = path.read_text()
+        assert "+SKIP" not in text, path.name
+        code = "\n".join(line for line in text.splitlines()
+                         if line.lstrip().startswith((">>>", "...")))
+        if re.search(r"\bnp\.", code):
+            assert "import numpy as np" in code, path.name
+        if re.search(r"\bplt\.", code):
+            assert "pyplot as plt" in code, path.name

@@ -29,7 +29,8 @@ PAGES = [
      "The kernel manifolds (derivations: :doc:`../theory/index`)."),
     ("nn", "kernelgeo.nn", "kernelgeo.nn", "Convolution layers with manifold kernels."),
     ("optim", "kernelgeo.optim", "kernelgeo.optim",
-     "Convergent Riemannian SGD (theory: :doc:`../optimization`)."),
+     "Convergent Riemannian SGD (theory: :doc:`../optimization`) and Riemannian Adam "
+     "(:doc:`../adam`)."),
     ("analysis", "kernelgeo.analysis", "kernelgeo.analysis",
      "Curvature, geodesics, landscapes, sharpness and the normalization report "
      "(:doc:`../analysis`)."),

@@ -1,42 +1,45 @@
 #!/usr/bin/env bash
-# Render the docs and take headless-Chromium screenshots of three pages; check none is blank.
+# Screenshots of built pages with headless Chromium, and a check that none is blank.
 #
-#   apt-get install -y chromium libjs-mathjax     # once (Debian); not needed by CI
-#   bash docs/screenshots/take.sh                 # -> docs/_build/screenshots/*.png
+#   apt-get install -y chromium          # once (Debian); not needed by CI
+#   make screenshots                     # builds the docs, then -> docs/_build/screenshots/
 #
-# The site is built into docs/_build/screenshot-html with a local MathJax (no network), so
-# the formulas render as a reader would see them.  Not part of CI: CI has no browser.
+# MathJax is part of the built site (docs/_ext/kgmathjax.py), so the formulas render as an
+# offline reader sees them; the browser gets no network (proxy to a closed port).
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 PY=${PY:-.venv/bin/python}
-OUT=docs/_build/screenshots
-HTML=docs/_build/screenshot-html
+HTML=${HTML:-docs/_build/html}
+OUT=${OUT:-docs/_build/screenshots}
+PAGES=${PAGES:-"index install cli theory/sphere adam tutorials/train_compare tutorials/report gallery"}
 mkdir -p "$OUT"
-MJ=/usr/share/javascript/mathjax/MathJax.js
-if [ -f "$MJ" ]; then
-  export KERNELGEO_DOCS_MATHJAX="file://$MJ?config=TeX-AMS-MML_HTMLorMML"
+if [ ! -f "$HTML/index.html" ]; then
+  "$PY" -m sphinx -W --keep-going -q -b html -j 1 docs "$HTML"
 fi
-"$PY" -m sphinx -W --keep-going -q -b html -j 1 docs "$HTML"
+HTML_ABS=$(cd "$HTML" && pwd)
 BROWSER=$(command -v chromium || command -v chromium-browser || true)
 if [ -z "$BROWSER" ]; then
   echo "chromium not found: apt-get install -y chromium" >&2
   exit 1
 fi
-for page in index theory/sphere tutorials/landscapes; do
+for page in $PAGES; do
   name=$(echo "$page" | tr / _)
   profile=$(mktemp -d)
-  "$BROWSER" --headless --no-sandbox --disable-gpu --disable-background-networking \
-    --disable-component-update --disable-sync --no-first-run --user-data-dir="$profile" \
-    --allow-file-access-from-files --virtual-time-budget=8000 --hide-scrollbars \
-    --screenshot="$OUT/$name.png" --window-size=1280,1600 \
-    "file://$PWD/$HTML/$page.html" >/dev/null 2>&1
+  "$BROWSER" --headless --no-sandbox --disable-gpu --disable-quic --no-first-run \
+    --disable-background-networking --disable-component-update --disable-sync \
+    --proxy-server=127.0.0.1:9 --user-data-dir="$profile" --hide-scrollbars \
+    --virtual-time-budget=10000 --screenshot="$OUT/$name.png" --window-size=1280,1600 \
+    "file://$HTML_ABS/$page.html" >/dev/null 2>&1 || true
   rm -rf "$profile"
+  if [ ! -s "$OUT/$name.png" ]; then
+    echo "no screenshot of $HTML_ABS/$page.html" >&2
+    exit 1
+  fi
 done
 "$PY" - "$OUT" <<'PY'
 import sys
 from pathlib import Path
 
-import numpy as np
 from matplotlib.image import imread
 
 bad = []

@@ -60,6 +60,7 @@ import torch
 
 from ..manifolds import Euclidean, KernelManifold, KernelProduct, Oblique, RowSphere, Stiefel
 from ..manifolds.oblique import _slice_matrix
+from ..manifolds.stiefel import _qf
 from . import native as _native
 from .step_rules import RuleConstants, rule_constants, step_sizes
 
@@ -622,6 +623,9 @@ def _norm(a: torch.Tensor, dim: int) -> torch.Tensor:
     return _dot(a, a, dim).sqrt_()
 
 
+_HALF = (torch.float16, torch.bfloat16)
+
+
 def _sym(a):
     return 0.5 * (a + a.transpose(-1, -2))
 
@@ -633,6 +637,7 @@ class Hyper:
     dampening: float
     nesterov: bool
     wd: float  # applied to the manifold gradient (decay_manifold or flat factor)
+    short: bool = False  # every step is known (host-side bound) to be at most 3r long
 
 
 def _momentum(chunk: Chunk, u: torch.Tensor, h: Hyper) -> torch.Tensor:
@@ -714,13 +719,23 @@ def stiefel_apply(chunk: Chunk, x, gt, a, h: Hyper, stats: list | None):
     rn = torch.linalg.vector_norm(d, dim=(-1, -2))
     step = step_sizes(h.lr, rn, chunk.consts)
     m = torch.addcmul(xt, step.view(-1, 1, 1), d, value=-1.0)
-    gram = torch.bmm(m, m.mT)
+    # half precision: the factorisation in float32 (torch has no half Cholesky/QR on the CPU)
+    wm = m.float() if m.dtype in _HALF else m
+    gram = torch.bmm(wm, wm.mT)
     if r2 != 1.0:
         gram.div_(r2)
-    low = torch.linalg.cholesky_ex(gram)[0]
-    # L^{-1} M as (M^T L^{-T})^T: on the transposed views the solve runs on column-major
-    # operands without copies (2-3x faster than solving L X = M on row-major M, measured)
-    xn = torch.linalg.solve_triangular(low.mT, m.mT, upper=True, left=False).mT
+    low, info = torch.linalg.cholesky_ex(gram)
+    # Cholesky-QR loses orthogonality like eps * cond(M^T M) <= eps * (1 + (g|d|/r)^2): a
+    # failed factorisation or a long step (huge learning rate, rule "none") takes Householder
+    # QR instead (one synchronisation per chunk, unless the optimizer's bounds show that
+    # every step is short: then M^T M has condition <= 10 and the factorisation succeeds)
+    if not h.short and bool(info.any() | ((step * rn).max() > 3.0 * lay.r)):
+        xn = (lay.r * _qf(wm.mT / lay.r)).mT
+    else:
+        # L^{-1} M as (M^T L^{-T})^T: on the transposed views the solve runs on column-major
+        # operands without copies (2-3x faster than solving L X = M on row-major M, measured)
+        xn = torch.linalg.solve_triangular(low.mT, wm.mT, upper=True, left=False).mT
+    xn = xn.to(m.dtype)
     if h.momentum > 0:
         c = torch.bmm(xn, bt.mT)
         bt.baddbmm_(c + c.mT, xn, alpha=-0.5 / r2)
@@ -745,7 +760,11 @@ def generic_apply(chunk: Chunk, x, u, h: Hyper, stats: list | None):
     d = _momentum(chunk, u, h) if h.momentum > 0 else u
     rn = m._binner(x, d, d).clamp_min(0).sqrt()
     step = step_sizes(h.lr, rn, chunk.consts)
-    xn = m._bretr(x, -step.view((-1,) + (1,) * (d.dim() - 1)) * d, r)
+    v = -step.view((-1,) + (1,) * (d.dim() - 1)) * d
+    if x.dtype in _HALF:  # retractions factorise (QR, SVD): float32, as torch has no half
+        xn = m._bretr(x.float(), v.float(), r).to(x.dtype)
+    else:
+        xn = m._bretr(x, v, r)
     if h.momentum > 0:
         chunk.buf.copy_(m._btransp(x, xn, chunk.buf, r))
         if chunk.buf_param is not None:  # layout was a copy: publish into the state tensor

@@ -36,6 +36,7 @@ from pathlib import Path
 import torch
 
 __all__ = ["DTYPES", "available", "unavailable_reason", "load", "Item", "check", "check_tensors",
+           "amax", "amax_tensors",
            "sphere_step", "sphere_step_parallel", "partition", "library_path"]
 
 _SRC = Path(__file__).with_name("native_kernels.c")
@@ -123,6 +124,12 @@ def _bind(lib: ctypes.CDLL) -> None:
         f.argtypes = [ctypes.POINTER(ctypes.c_void_p), ctypes.POINTER(ctypes.c_int64),
                       ctypes.c_int64]
         f.restype = ctypes.c_int64
+        f = getattr(lib, f"kg_amax_{suf}")
+        f.argtypes, f.restype = [P, ctypes.c_int64], ctypes.c_double
+        f = getattr(lib, f"kg_amax_arrays_{suf}")
+        f.argtypes = [ctypes.POINTER(ctypes.c_void_p), ctypes.POINTER(ctypes.c_int64),
+                      ctypes.c_int64]
+        f.restype = ctypes.c_double
         f = getattr(lib, f"kg_sphere_step_{suf}")
         f.argtypes = [P, ctypes.c_int64, ctypes.c_double, ctypes.c_double, ctypes.c_int32]
         f.restype = ctypes.c_int64
@@ -208,6 +215,19 @@ def check_tensors(tensors: list[torch.Tensor]) -> int:
     ptrs = (ctypes.c_void_p * n)(*[t.data_ptr() for t in tensors])
     sizes = (ctypes.c_int64 * n)(*[t.numel() for t in tensors])
     return int(_fn("kg_check_arrays", tensors[0].dtype)(ptrs, sizes, n))
+
+
+def amax(items, dtype: torch.dtype) -> float:
+    """Largest ``|entry|`` of the gradients of a ctypes ``Item`` array (NaN if one is NaN/Inf)."""
+    return float(_fn("kg_amax", dtype)(items, len(items)))
+
+
+def amax_tensors(tensors: list[torch.Tensor]) -> float:
+    """Largest ``|entry|`` of dense CPU tensors of one float dtype (NaN if one is NaN/Inf)."""
+    n = len(tensors)
+    ptrs = (ctypes.c_void_p * n)(*[t.data_ptr() for t in tensors])
+    sizes = (ctypes.c_int64 * n)(*[t.numel() for t in tensors])
+    return float(_fn("kg_amax_arrays", tensors[0].dtype)(ptrs, sizes, n))
 
 
 def partition(items, parts: int) -> list:

@@ -109,6 +109,45 @@ int64_t NAME(kg_check_arrays)(const void *const *ptrs, const int64_t *sizes, int
     return -1;
 }
 
+/* Largest |entry| of every item's gradient, or NaN when some entry is NaN or Inf: the
+ * optimizer's pre-pass (finiteness, and whether the step's sums could overflow). */
+double NAME(kg_amax)(const kg_item *items, int64_t n) {
+    double out = 0.0;
+    for (int64_t i = 0; i < n; ++i) {
+        const T *g = (const T *)items[i].g;
+        const int64_t m = items[i].nblk * items[i].a * items[i].s;
+        T mx = 0, acc = 0;
+#pragma omp simd reduction(max : mx) reduction(+ : acc)
+        for (int64_t k = 0; k < m; ++k) {
+            const T v = g[k] < 0 ? -g[k] : g[k];
+            mx = v > mx ? v : mx;
+            acc += g[k] * (T)0; /* NaN iff some entry is NaN/Inf */
+        }
+        if (acc != acc) return NAN;
+        if ((double)mx > out) out = (double)mx;
+    }
+    return out;
+}
+
+/* The same for n plain arrays (Euclidean gradients). */
+double NAME(kg_amax_arrays)(const void *const *ptrs, const int64_t *sizes, int64_t n) {
+    double out = 0.0;
+    for (int64_t i = 0; i < n; ++i) {
+        const T *g = (const T *)ptrs[i];
+        const int64_t m = sizes[i];
+        T mx = 0, acc = 0;
+#pragma omp simd reduction(max : mx) reduction(+ : acc)
+        for (int64_t k = 0; k < m; ++k) {
+            const T v = g[k] < 0 ? -g[k] : g[k];
+            mx = v > mx ? v : mx;
+            acc += g[k] * (T)0;
+        }
+        if (acc != acc) return NAN;
+        if ((double)mx > out) out = (double)mx;
+    }
+    return out;
+}
+
 /* One component (a entries at stride st) in double with explicit passes and a rescaled norm:
  * the fallback when the fast kernels' sums overflow (entries near the largest float). */
 static void NAME(comp_safe)(const kg_item *it, T *x, const T *g, T *b, int64_t a, int64_t st,

@@ -38,18 +38,66 @@ import warnings
 import torch
 
 from .._compat import RiemannianSGD
-from ..manifolds import KernelProduct, Stiefel
+from ..manifolds import KernelProduct, RowSphere, Stiefel
 from ..manifolds.stiefel import _qf
 from . import batched as bt
 from . import native as _native
 from .schedules import GuaranteeWarning, check_robbins_monro
 from .step_rules import RULES, check_rule_args, rule_constants, step_sizes
 
-__all__ = ["ConvergentRSGD", "NonFiniteGradientError"]
+__all__ = ["ConvergentRSGD", "NonFiniteGradientError", "StepOverflowError"]
 
 
 class NonFiniteGradientError(FloatingPointError):
     """A gradient holds NaN or Inf; the message names the parameters."""
+
+
+class StepOverflowError(FloatingPointError):
+    """The new value of a parameter or of its momentum is not representable in its dtype
+    (finite gradients and learning rate, but their product overflows); nothing was changed."""
+
+
+_HALF = (torch.float16, torch.bfloat16)
+
+
+def _check_hyper(where: str, h: dict) -> None:
+    """Refuse hyper-parameters that would corrupt the weights (NaN, Inf, out of range)."""
+    def num(key, lo, hi, lo_open=False, hi_open=False, hint=""):
+        if key not in h:
+            return
+        v = h[key]
+        try:
+            f = float(v)
+        except (TypeError, ValueError, RuntimeError):
+            raise ValueError(f"{where}{key} must be a real number, got {v!r}") from None
+        ok = math.isfinite(f) and (f > lo if lo_open else f >= lo) and \
+            (f < hi if hi_open else f <= hi)
+        if not ok:
+            lo_b, hi_b = "(" if lo_open else "[", ")" if hi_open else "]"
+            raise ValueError(f"{where}{key}={v!r} is out of range: it must be finite and in "
+                             f"{lo_b}{lo}, {hi}{hi_b}{hint}")
+    num("lr", 0.0, math.inf, hi_open=True,
+        hint=" (an LR scheduler or a loaded state_dict may have set it)")
+    num("momentum", 0.0, 1.0, hi_open=True,
+        hint=": the buffer sums past gradients with weights momentum**k")
+    num("dampening", 0.0, 1.0)
+    num("weight_decay", 0.0, math.inf, hi_open=True)
+    if h.get("nesterov") and (float(h.get("momentum", 0)) <= 0 or
+                               float(h.get("dampening", 0)) != 0):
+        raise ValueError(f"{where}Nesterov momentum requires a momentum and zero dampening")
+    if h.get("rho") is not None:
+        num("rho", 0.0, math.inf, lo_open=True, hi_open=True)
+    num("max_step", 0.0, 1.0, lo_open=True, hi_open=True)
+
+
+def _describe(p) -> str:
+    """Shape and geometry of a parameter, for messages."""
+    m = getattr(p, "manifold", None)
+    geo = "Euclidean" if m is None else getattr(m, "name", None) or type(m).__name__
+    if isinstance(m, KernelProduct):
+        geo = "product " + "+".join(getattr(b, "name", type(b).__name__)
+                                    for b, _ in m.blocks(p.shape))
+    return f"shape {tuple(p.shape)}, {p.dtype}, {geo}"
 
 
 def _nblocks(p) -> int:
@@ -94,8 +142,9 @@ class ConvergentRSGD(RiemannianSGD):
         self-normalising, so this only removes slow float drift.
     nonfinite : {"raise", "skip"}
         On a NaN/Inf gradient raise :class:`NonFiniteGradientError` naming the parameters
-        (default), or skip the whole step (counted in :attr:`skipped_steps`).  Weights and
-        buffers are untouched either way.
+        (default), and on a step whose new values overflow the parameters' dtype
+        :class:`StepOverflowError`; or skip the whole step (counted in
+        :attr:`skipped_steps`).  Weights and buffers are untouched either way.
     decay_manifold : bool
         Apply weight decay to curved kernels too (see above).
     batched : bool
@@ -131,7 +180,31 @@ class ConvergentRSGD(RiemannianSGD):
     block's own shape, tangent at the current point); groups count ``step``.  The fast path
     updates most buffers in place through views; for oblique columns it works on a copy in a
     structure-of-arrays layout and refreshes the state tensors after every step (see
-    :mod:`~kernelgeo.optim.batched`): to change buffers, use :meth:`load_state_dict`.
+    :mod:`~kernelgeo.optim.batched`): to change buffers, use :meth:`load_state_dict`, which
+    refuses (naming the parameter, nothing loaded) a state whose momentum has another block
+    structure or shape, or holds NaN/Inf, and projects loaded kernel momentum onto the
+    tangent space at the current point.
+
+    A step completes for every parameter or changes none.  Hyper-parameters must be finite
+    (``lr >= 0``, ``0 <= momentum < 1``, ``0 <= dampening <= 1``, ``weight_decay >= 0``;
+    ``lr`` is checked again at every step, as schedulers change it).  The fast path writes
+    in place, so it runs only when nothing in it can overflow: a pre-pass (one read of
+    every gradient, in C for the fused kernels) bounds the 2-norms of the gradients, and
+    tracked upper bounds of the buffers' and parameters' norms (measured in float64 after
+    :meth:`load_state_dict` or when exceeded) bound every squared or multiplied quantity
+    (below about :math:`\sqrt{\text{float max}}/64`: 3e17 in float32).  Other steps (huge
+    finite gradients or learning rates) take the reference path, which computes every new
+    value in float64 into temporaries, with gradients and buffers divided by their largest
+    entry and the retraction's argument by :math:`\max(1, \|g_k d_k\|/r)` (sphere and
+    Stiefel retractions are invariant to positive scaling), so that the step keeps its
+    direction and the rule's length; the values are written only when all are finite in
+    the parameters' dtype.  Writing into the state tensors between steps bypasses the
+    tracked bounds.  The Stiefel fast path reads the Cholesky factorisation's status and
+    uses Householder QR (the same retraction) when it failed or when a step is longer than
+    :math:`3r` (Cholesky-QR then loses orthogonality); this costs one synchronisation per
+    Stiefel chunk.  Half precision (float16/bfloat16): torch has no half-precision
+    Cholesky, QR or SVD on the CPU, so the retractions that factorise compute in float32
+    and round the result to the parameter's dtype (the reference path works in float64).
 
     Examples
     --------
@@ -151,14 +224,9 @@ class ConvergentRSGD(RiemannianSGD):
                  decay_manifold: bool = False, batched: bool = True, log_stats: bool = False,
                  guarantee: bool = False, chunk_numel: int = 1 << 18,
                  native: bool | None = None):
-        if not lr >= 0.0:
-            raise ValueError(f"Invalid learning rate: {lr}")
-        if momentum < 0.0:
-            raise ValueError(f"Invalid momentum value: {momentum}")
-        if weight_decay < 0.0:
-            raise ValueError(f"Invalid weight_decay value: {weight_decay}")
-        if nesterov and (momentum <= 0 or dampening != 0):
-            raise ValueError("Nesterov momentum requires a momentum and zero dampening")
+        _check_hyper("ConvergentRSGD: ", dict(lr=lr, momentum=momentum, dampening=dampening,
+                                              weight_decay=weight_decay, nesterov=nesterov,
+                                              rho=rho, max_step=max_step))
         if step_rule not in RULES:
             raise ValueError(f"unknown step_rule {step_rule!r}; use one of {RULES}")
         check_rule_args(rho, max_step)
@@ -189,6 +257,8 @@ class ConvergentRSGD(RiemannianSGD):
         self._schedule_ok = None
         self._guarantee_checked = False
         self._warned_foreign = False
+        self._bound = None  # magnitude bounds of the fast path's pre-pass (None: measure)
+        self._dbound = math.inf  # bound of every direction's norm in the last fast step
         # skip RiemannianSGD.__init__ (fixed defaults); OptimMixin -> Optimizer
         super(RiemannianSGD, self).__init__(params, defaults, stabilize=stabilize)
 
@@ -208,19 +278,107 @@ class ConvergentRSGD(RiemannianSGD):
         super().__setstate__(state)
         self.last_stats = []
         self._plan = self._plan_sig = self._plan_native = self._native_cache = None
+        self._bound = None
+        self._dbound = math.inf
 
     def add_param_group(self, param_group: dict):
         rule = param_group.get("step_rule", self.defaults["step_rule"])
         if rule not in RULES:
             raise ValueError(f"unknown step_rule {rule!r}; use one of {RULES}")
         check_rule_args(param_group.get("rho"), param_group.get("max_step", 0.5))
+        _check_hyper(f"param_groups[{len(self.param_groups)}]: ", param_group)
         super().add_param_group(param_group)
         self._plan = None
+        self._bound = None
         self._guarantee_checked = False  # the new group is checked at the next step
 
     def load_state_dict(self, state_dict):
+        """Load a state from :meth:`state_dict`; refuses (nothing loaded) a state whose
+        hyper-parameters are out of range or whose momentum does not fit the parameters
+        (another geometry, block structure or shape), naming the parameter.  Loaded kernel
+        momentum is projected onto the tangent space at the current point."""
+        self._check_loaded(state_dict)
         super().load_state_dict(state_dict)
         self._plan = None  # buffers are new tensors: rebuild the chunk storage
+        self._bound = None
+        with torch.no_grad():
+            self._tangent_momentum()
+
+    def _check_loaded(self, state_dict) -> None:
+        groups = state_dict.get("param_groups", [])
+        saved_state = state_dict.get("state", {})
+        if len(groups) != len(self.param_groups):
+            return  # torch's own check reports it
+        for gi, (group, sg) in enumerate(zip(self.param_groups, groups, strict=True)):
+            _check_hyper(f"loaded state_dict, param_groups[{gi}]: ", sg)
+            if len(sg.get("params", ())) != len(group["params"]):
+                return  # torch's own check reports it
+            for i, (p, key) in enumerate(zip(group["params"], sg["params"], strict=True)):
+                st = saved_state.get(key)
+                if st:
+                    self._check_loaded_param(group, i, p, st)
+
+    def _check_loaded_param(self, group, i, p, st) -> None:
+        kind, m = bt.classify(p)
+        name = self._name(group, i)
+        fix = ("; load the state of an optimizer over the same model and geometry, or drop "
+               "this parameter's entry from state_dict['state'] to restart its momentum")
+
+        def check(t, shape, what):
+            if not isinstance(t, torch.Tensor):
+                raise ValueError(f"loaded optimizer state for {name}: {what} is "
+                                 f"{type(t).__name__}, not a tensor{fix}")
+            if tuple(t.shape) != tuple(shape):
+                raise ValueError(f"loaded optimizer state for {name}: {what} has shape "
+                                 f"{tuple(t.shape)}, expected {tuple(shape)}{fix}")
+            if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+                raise ValueError(f"loaded optimizer state for {name}: {what} holds NaN/Inf"
+                                 f"{fix}")
+
+        if kind == "kernel":
+            if "momentum_buffer" in st:
+                raise ValueError(f"loaded optimizer state for {name}: a Euclidean "
+                                 f"'momentum_buffer' for a kernel on a manifold{fix}")
+            bl = st.get("momentum_blocks")
+            if bl is None:
+                return
+            blocks = m.blocks(p.shape) if isinstance(m, KernelProduct) else [(m, None)]
+            if len(bl) != len(blocks):
+                raise ValueError(f"loaded optimizer state for {name}: {len(bl)} momentum "
+                                 f"block(s), the manifold has {len(blocks)}{fix}")
+            for b, (_, bidx) in enumerate(blocks):
+                shape = p.shape if bidx is None or len(blocks) == 1 else \
+                    KernelProduct._sub(p.shape, bidx)
+                if bl[b] is not None:
+                    check(bl[b], shape, f"momentum block {b}")
+        else:
+            if "momentum_blocks" in st:
+                raise ValueError(f"loaded optimizer state for {name}: kernel "
+                                 f"'momentum_blocks' for a parameter without a kernel "
+                                 f"manifold{fix}")
+            if st.get("momentum_buffer") is not None:
+                check(st["momentum_buffer"], p.shape, "momentum_buffer")
+
+    def _tangent_momentum(self, rtol: float = 1e-4) -> None:
+        """Project every kernel's momentum onto the tangent space at the current point (a
+        buffer saved at another point, or for another geometry, is not tangent here).  A
+        buffer whose normal part is below ``rtol`` of its norm (rounding: the state of this
+        very point) is left as it is, so that a resumed run continues bit for bit."""
+        for group in self.param_groups:
+            for p in group["params"]:
+                kind, m = bt.classify(p)
+                bl = self.state[p].get("momentum_blocks") if p in self.state else None
+                if kind != "kernel" or not bl:
+                    continue
+                blocks = m.blocks(p.shape) if isinstance(m, KernelProduct) else [(m, None)]
+                for b, (bm, bidx) in enumerate(blocks):
+                    if bl[b] is None:
+                        continue
+                    psub = p if bidx is None or len(blocks) == 1 else p[bidx]
+                    t = bm.proju(psub.detach(), bl[b])
+                    off = _norm64(t - bl[b])
+                    if off > rtol * _norm64(bl[b]):
+                        bl[b] = t.contiguous()
 
     def set_schedule(self, scheduler) -> bool:
         """Register the LR scheduler used; checks the Robbins–Monro conditions (warns)."""
@@ -261,10 +419,12 @@ class ConvergentRSGD(RiemannianSGD):
 
     def _name(self, group, i) -> str:
         names = group.get("param_names")
+        p = group["params"][i]
         if names:
-            return str(names[i])
-        return f"param_groups[{self.param_groups.index(group)}]['params'][{i}] " \
-               f"(shape {tuple(group['params'][i].shape)})"
+            return f"{names[i]!r} ({_describe(p)})"
+        gi = next((k for k, g in enumerate(self.param_groups) if g is group), "?")
+        return f"param_groups[{gi}]['params'][{i}] ({_describe(p)}; pass " \
+               "model.named_parameters() to the optimizer to see names here)"
 
     def _multiplier(self, p):
         if self.radius_scaling is None:
@@ -280,6 +440,8 @@ class ConvergentRSGD(RiemannianSGD):
                 loss = closure()
         if self.guarantee:
             self._check_guarantee()
+        for gi, group in enumerate(self.param_groups):  # schedulers may have changed them
+            _check_hyper(f"param_groups[{gi}]: ", {"lr": group["lr"]})
         with torch.no_grad():
             if self.radius_scaling is not None:
                 self.radius_scaling.refresh()
@@ -296,6 +458,27 @@ class ConvergentRSGD(RiemannianSGD):
                     self.stabilize_group(group)
                     self._plan = None
         return loss
+
+    def _overflow(self, name: str, what: str, p) -> bool:
+        g = p.grad
+        gmax = float(g.abs().max()) if g is not None and g.numel() else 0.0
+        msg = (f"the step of {name} is not representable in {p.dtype}: its new {what} "
+               f"overflows (largest |gradient| {gmax:.3g}); no parameter was changed. Lower "
+               "the learning rate, clip gradients (torch.nn.utils.clip_grad_norm_) or use "
+               "a bounded step_rule")
+        if self.nonfinite == "raise":
+            raise StepOverflowError(msg)
+        return False
+
+    def _check_sparse(self) -> None:
+        for group in self.param_groups:
+            for i, p in enumerate(group["params"]):
+                if p.grad is not None and (p.grad.is_sparse or p.grad.layout != torch.strided):
+                    raise RuntimeError(
+                        f"ConvergentRSGD does not support sparse gradients: {self._name(group, i)}"
+                        f" has a {p.grad.layout} gradient; make it dense (p.grad = "
+                        "p.grad.to_dense()) or optimise this parameter with torch.optim."
+                        "SparseAdam")
 
     def _nonfinite(self, bad: list[str]) -> bool:
         if self.nonfinite == "raise":
@@ -314,49 +497,75 @@ class ConvergentRSGD(RiemannianSGD):
 
     # ----------------------------------------------------------- reference path
     def _step_reference(self) -> bool:
-        """Per-parameter, per-block update with the manifolds' own primitives (the oracle)."""
+        r"""Per-parameter, per-block update with the manifolds' own primitives (the oracle),
+        also the safe path of the batched step (see :meth:`_step_batched`).
+
+        Every new value (parameters and buffers) is computed first into temporaries, in
+        float64 and with gradients and buffers divided by their largest entry, so that no
+        intermediate overflows: the retractions of spheres and Stiefel manifolds are
+        invariant to positive scaling of their argument, which is divided by
+        :math:`\max(1, \|g_k d_k\|/r)` before retracting.  The values are written only
+        when all are finite in the parameters' dtype (else :class:`StepOverflowError` names
+        the parameter, or the step is skipped with ``nonfinite='skip'``).
+        """
+        self._check_sparse()
         work = []
         bad = []
         for group in self.param_groups:
             for i, p in enumerate(group["params"]):
                 if p.grad is None:
                     continue
-                if p.grad.is_sparse:
-                    raise RuntimeError("ConvergentRSGD does not support sparse gradients")
                 if not bool(torch.isfinite(p.grad).all()):
                     bad.append(self._name(group, i))
                 work.append((group, i, p))
         if bad:
             return self._nonfinite(bad)
         stats = {} if self.log_stats else None
-        for group, _i, p in work:
+        commits: list[tuple] = []
+        for group, i, p in work:
             kind, m = bt.classify(p)
+            name = self._name(group, i)
             if kind == "euclid":
-                self._ref_euclid(group, p)
+                self._ref_euclid(group, p, name, commits)
             elif kind == "foreign":
-                self._foreign(group, p, m)
+                self._foreign(group, p, m, name, commits)
             else:
-                self._ref_kernel(group, p, m, stats)
+                self._ref_kernel(group, p, m, stats, name, commits)
+        for _, _, _, new, name, what, p in commits:
+            if isinstance(new, torch.Tensor) and not bool(torch.isfinite(new).all()):
+                return self._overflow(name, what, p)
+        for op, target, key, new, *_ in commits:
+            if op == "copy":
+                target.copy_(new)
+            elif op == "set":
+                target[key] = new
+        self._bound = None  # buffers changed outside the fast path's bookkeeping
         if stats is not None:
             self._publish_stats(stats)
         return True
 
-    def _ref_euclid(self, group, p):
-        g = p.grad
+    def _ref_euclid(self, group, p, name, commits):
+        dt = p.dtype
+        x = p.detach().double()
+        g = p.grad.double()
         wd, mu, damp = group["weight_decay"], group["momentum"], group["dampening"]
         if wd:
-            g = g.add(p, alpha=wd)
+            g = g.add(x, alpha=wd)
         if mu:
             st = self.state[p]
             buf = st.get("momentum_buffer")
             if buf is None:
-                buf = st["momentum_buffer"] = torch.clone(g).detach()
+                nb = g.clone()
+                commits.append(("set", st, "momentum_buffer", nb.to(dt), name,
+                                "momentum buffer", p))
             else:
-                buf.mul_(mu).add_(g, alpha=1 - damp)
-            g = g.add(buf, alpha=mu) if group["nesterov"] else buf
-        p.add_(g, alpha=-group["lr"])
+                nb = buf.double().mul_(mu).add_(g, alpha=1 - damp)
+                commits.append(("copy", buf, None, nb.to(dt), name, "momentum buffer", p))
+            g = g.add(nb, alpha=mu) if group["nesterov"] else nb
+        commits.append(("copy", p, None, x.add_(g, alpha=-float(group["lr"])).to(dt), name,
+                        "value", p))
 
-    def _foreign(self, group, p, m):
+    def _foreign(self, group, p, m, name, commits):
         """Other geoopt manifolds: plain Riemannian SGD (no step rule, no batching)."""
         if group["step_rule"] != "none" and not self._warned_foreign:
             warnings.warn(f"{type(m).__name__} is not a kernelgeo manifold: its parameters get "
@@ -367,59 +576,90 @@ class ConvergentRSGD(RiemannianSGD):
         if mu:
             st = self.state[p]
             buf = st.get("momentum_buffer")
+            nb = u.clone() if buf is None else buf.mul(mu).add_(u, alpha=1 - damp)
+            d = u.add(nb, alpha=mu) if group["nesterov"] else nb
+            new, nbuf = m.retr_transp(p, -group["lr"] * d, nb)
             if buf is None:
-                buf = st["momentum_buffer"] = u.clone()
+                commits.append(("set", st, "momentum_buffer", nbuf, name, "momentum buffer",
+                                p))
             else:
-                buf.mul_(mu).add_(u, alpha=1 - damp)
-            d = u.add(buf, alpha=mu) if group["nesterov"] else buf
-            new, nbuf = m.retr_transp(p, -group["lr"] * d, buf)
-            buf.copy_(nbuf)
+                commits.append(("copy", buf, None, nbuf, name, "momentum buffer", p))
         else:
             new = m.retr(p, -group["lr"] * u)
-        p.copy_(new)
+        commits.append(("copy", p, None, new, name, "value", p))
 
-    def _ref_kernel(self, group, p, m, stats):
+    def _ref_kernel(self, group, p, m, stats, name, commits):
         mu, damp = group["momentum"], group["dampening"]
-        lr = group["lr"]
+        lr = float(group["lr"])
         mult = self._multiplier(p)
         if mult is not None:
-            lr = lr * mult
+            lr = lr * float(mult)
         blocks = m.blocks(p.shape) if isinstance(m, KernelProduct) else [(m, None)]
         st = self.state[p]
+        bl = st.get("momentum_blocks") if mu else None
+        new_bl = None
+        if mu and bl is None:
+            new_bl = [None] * len(blocks)
+            commits.append(("set", st, "momentum_blocks", new_bl, name, "momentum", p))
+        wd = group["weight_decay"]
         for b, (bm, bidx) in enumerate(blocks):
             bidx = None if bidx is None or len(blocks) == 1 else bidx
             shape = tuple(p.shape) if bidx is None else KernelProduct._sub(p.shape, bidx)
-            psub = p if bidx is None else p[bidx]
+            psub = p.detach() if bidx is None else p.detach()[bidx]
             r = bm.radius_of(shape)
-            x = bm.to_batch(psub)
-            gr = bm.to_batch(p.grad if bidx is None else p.grad[bidx])
+            x = bm.to_batch(psub).double()
+            gr = bm.to_batch(p.grad if bidx is None else p.grad[bidx]).double()
             consts = rule_constants(group["step_rule"], bm, shape, rho=group["rho"],
                                     max_step=group["max_step"])
-            if group["weight_decay"] and (consts.flat or group["decay_manifold"]):
-                gr = gr + group["weight_decay"] * x
-            u = bm._bproju(x, gr, r)
+            decay = bool(wd) and (consts.flat or group["decay_manifold"])
+            old = None if not mu or bl is None or bl[b] is None else bl[b]
+            b0 = None if old is None else bm.to_batch(old).double()
+            # divide gradient and buffer by their largest entry: u, B and d are linear in them
+            sc = float(gr.abs().max()) if gr.numel() else 0.0
+            if b0 is not None and b0.numel():
+                sc = max(sc, float(b0.abs().max()))
+            if decay and x.numel():
+                sc = max(sc, wd * float(x.abs().max()))
+            sc = sc if 0.0 < sc < math.inf else 1.0
+            gs = gr / sc
+            if decay:
+                gs = gs + (wd / sc) * x
+            u = bm._bproju(x, gs, r)
             if mu:
-                bl = st.setdefault("momentum_blocks", [None] * len(blocks))
-                if bl[b] is None:
-                    buf = u.clone()
-                else:
-                    buf = bm.to_batch(bl[b]).clone()
-                    buf.mul_(mu).add_(u, alpha=1 - damp)
-                d = u.add(buf, alpha=mu) if group["nesterov"] else buf
+                nb = u.clone() if b0 is None else (b0 / sc).mul_(mu).add_(u, alpha=1 - damp)
+                d = u.add(nb, alpha=mu) if group["nesterov"] else nb
             else:
                 d = u
-            rn = bm._binner(x, d, d).clamp_min(0).sqrt()
+            rn_s = bm._binner(x, d, d).clamp_min(0).sqrt()
+            # the rule sees the true norm (float64: finite for any float32 data; a float64
+            # norm beyond its range refuses the step)
+            rn = rn_s * sc
+            commits.append(("check", None, None, rn, name, "direction norm", p))
             g = step_sizes(lr, rn, consts)
-            xn = bm._bretr(x, -g.view((-1,) + (1,) * (d.dim() - 1)) * d, r)
+            a = g * sc  # displacement = a * d (scaled units); may overflow float64
+            shape_b = (-1,) + (1,) * (d.dim() - 1)
+            pos = rn_s > 0
+            if _scale_invariant(bm):
+                # R(x - a d) = R(x/t - (a/t) d), t = max(1, a |d| / r): arguments stay O(r)
+                coef = torch.where(pos, torch.minimum(a, r / rn_s.clamp_min(1e-300)), 0.0)
+                tinv = torch.where(pos, torch.clamp(r / (a * rn_s), max=1.0), 1.0)
+                tinv = torch.nan_to_num(tinv, nan=1.0)
+                xn = bm._bretr(x * tinv.view(shape_b), -coef.view(shape_b) * d, r)
+            else:
+                xn = bm._bretr(x, -a.view(shape_b) * d, r)
+            commits.append(("copy", psub, None, bm.from_batch(xn, shape).to(p.dtype), name,
+                            "value", p))
             if mu:
-                nb = bm.from_batch(bm._btransp(x, xn, buf, r), shape).contiguous()
-                if bl[b] is None:
-                    bl[b] = nb
+                nbt = bm._btransp(x, xn, nb, r) * sc
+                nb_new = bm.from_batch(nbt, shape).to(p.dtype).contiguous()
+                if old is not None:
+                    commits.append(("copy", old, None, nb_new, name, "momentum", p))
                 else:
-                    bl[b].copy_(nb)
-            psub.copy_(bm.from_batch(xn, shape))
+                    target = new_bl if new_bl is not None else bl
+                    commits.append(("set", target, b, nb_new, name, "momentum", p))
             if stats is not None:
-                stats.setdefault(id(group), []).append((rn, g, consts))
+                stats.setdefault(id(group), []).append(
+                    (rn.to(p.dtype), g.to(p.dtype), consts))
 
     # -------------------------------------------------------------- batched path
     def _signature(self):
@@ -470,42 +710,51 @@ class ConvergentRSGD(RiemannianSGD):
         return lr * rows.view((-1,) + (1,) * (ndim - 1))
 
     def _step_batched(self) -> bool:
+        """The fast path, after a pre-pass that makes it safe.
+
+        The pre-pass reads every gradient once (a bound of its 2-norm, not finite if an
+        entry is not; in C for the fused kernels' gradients) and bounds, from it and from
+        tracked bounds of the momentum buffers and parameters, every quantity the update
+        squares or multiplies (:meth:`_fast_is_safe`).  Steps within the bounds (every
+        realistic one) cannot overflow and run batched, writing in place; the others take
+        the reference path (:meth:`_step_reference`), which computes everything in
+        temporaries before writing, so a step either completes for every parameter or
+        changes none.
+        """
         plans = self._get_plan()
-        grads_of = _grad
-        prepared, checks, c_checks = [], [], []
-        native = any(gp.native for gp in plans)
+        try:
+            gnorm, keep = self._prepass(plans)
+        except (RuntimeError, NotImplementedError, ValueError):
+            self._check_sparse()  # the usual cause: name the parameter
+            raise
+        if not gnorm < math.inf:  # some gradient is not finite, or its sum of squares overflows
+            bad = self._find_bad()
+            if bad:
+                return self._nonfinite(bad)
+        if not self._fast_is_safe(plans, gnorm):
+            del keep
+            done = self._step_reference()
+            if done:  # it wrote the state tensors (new buffers too): rebuild the chunks
+                self._plan = None
+                self._get_plan()
+            return done
+        prepared = []
         for group, gp in zip(self.param_groups, plans, strict=True):
-            ps = group["params"]
-            eg = [ps[i].grad for i in gp.euclid]
-            if any(g.is_sparse for g in eg):
-                raise RuntimeError("ConvergentRSGD does not support sparse gradients")
-            if native:  # dense CPU float gradients are checked by the C kernel
-                for g in eg:
-                    (c_checks if _native_checkable(g) else checks).append(g)
-            else:
-                checks.extend(eg)
             items = []
             for ch in gp.chunks:
-                x, g, inplace = bt.gather(ch, grads_of)
+                x, g, inplace = bt.gather(ch, _grad)
                 h = self._hyper(group, ch)
+                h.short = float(group["lr"]) * self._dbound <= 3.0 * ch.layout.r
                 if ch.kind == "sphere":
                     g, c = bt.sphere_prepare(ch, x, g)
                 elif ch.kind == "stiefel":
                     g, c = bt.stiefel_prepare(ch, x, g)
                 else:
                     g, c = bt.generic_prepare(ch, x, g, h)
-                checks.append(c)
                 items.append((ch, x, g, c, inplace, h))
-            for i in gp.foreign:
-                checks.append(ps[i].grad)
             prepared.append(items)
-        if checks and not _all_finite(checks):
-            bad = self._find_bad()
-            if bad:
-                return self._nonfinite(bad)
-        native_stats = self._native_step(plans, c_checks)
-        if native_stats is None:
-            return self._nonfinite(self._find_bad())
+        native_stats = self._native_run(plans)
+        del keep
         self.last_stats = []
         for group, gp, items in zip(self.param_groups, plans, prepared, strict=True):
             self._euclid_foreach(group, [group["params"][i] for i in gp.euclid])
@@ -523,15 +772,140 @@ class ConvergentRSGD(RiemannianSGD):
                 if ch.fresh_members:
                     bt.commit_fresh(ch, self.state, _nblocks)
             for i in gp.foreign:
-                self._foreign(group, group["params"][i], group["params"][i].manifold)
+                p = group["params"][i]
+                commits: list = []
+                self._foreign(group, p, p.manifold, self._name(group, i), commits)
+                for op, target, key, new, *_ in commits:
+                    if op == "copy":
+                        target.copy_(new)
+                    else:
+                        target[key] = new
             if stats is not None:
                 self._publish_stats({id(group): stats}, append=True)
         return True
 
+    def _prepass(self, plans) -> tuple[float, list]:
+        """An upper bound of the 2-norm of every gradient of the step (NaN or Inf if one is
+        not finite), with one synchronisation; binds the fused kernels' gradient pointers
+        (the returned list keeps alive the copies made for them)."""
+        keep: list = []
+        out = 0.0
+        cache = getattr(self, "_prepass_cache", None)
+        if cache is None or cache[0] is not plans:
+            eu, other = [], []  # parameters whose gradients are read by C / by torch
+            for group, gp in zip(self.param_groups, plans, strict=True):
+                ps = group["params"]
+                eu.extend(ps[i] for i in gp.euclid)
+                seen = set()
+                for ch in gp.chunks:
+                    for mem in ch.members:
+                        if id(mem.param) not in seen:
+                            seen.add(id(mem.param))
+                            other.append(mem.param)
+                other.extend(ps[i] for i in gp.foreign)
+            cache = self._prepass_cache = (plans, eu, other)
+        _, eu, other = cache
+        c_ok = self._use_native()
+        torch_ts = [p.grad for p in other]
+        c_ts = []
+        for p in eu:
+            g = p.grad
+            (c_ts if c_ok and _native_checkable(g) else torch_ts).append(g)
+        if any(g.layout != torch.strided for g in torch_ts):
+            self._check_sparse()  # (the fused kernels' gradients: their strides raise below)
+        for _group, dtype, mems, arr, _ in self._native_work(plans):
+            keep.extend(self._native_bind(_group, dtype, mems, arr))
+            # the largest entry bounds a component's norm up to sqrt(its numel)
+            nmax = max(it.nblk * it.a * it.s for it in arr)
+            out = _nanmax(out, math.sqrt(nmax) * _native.amax(arr, dtype))
+        by_dtype: dict = {}
+        for g in c_ts:
+            by_dtype.setdefault(g.dtype, []).append(g)
+        for gs in by_dtype.values():
+            nmax = max(g.numel() for g in gs)
+            out = _nanmax(out, math.sqrt(nmax) * _native.amax_tensors(gs))
+        if torch_ts:
+            out = _nanmax(out, _norm_bound(torch_ts))
+        return out, keep
+
+    def _measure_bounds(self) -> dict:
+        """Largest 2-norm of any momentum buffer and of any parameter (one pass over them,
+        in float64: no overflow); the fast path then tracks upper bounds of both."""
+        beta, xe = 0.0, 0.0
+        norms = []
+        for group in self.param_groups:
+            for p in group["params"]:
+                norms.append(p.detach())
+                if p not in self.state:
+                    continue
+                st = self.state[p]
+                if st.get("momentum_buffer") is not None:
+                    beta = max(beta, _norm64(st["momentum_buffer"]))
+                for t in st.get("momentum_blocks") or ():
+                    if t is not None:
+                        beta = max(beta, _norm64(t))
+        for t in norms:
+            xe = max(xe, _norm64(t))
+        return {"beta": beta, "x": xe}
+
+    def _fast_is_safe(self, plans, gnorm: float) -> bool:
+        r"""Whether no intermediate of the fast path can overflow this step (sufficient
+        conditions from norm bounds); updates the tracked bounds when it returns True.
+
+        :math:`\gamma` (from :meth:`_prepass`) bounds every component's gradient norm,
+        :math:`\beta` every buffer's norm (the transport is a projection, which does not
+        increase it), :math:`\xi` every parameter's norm; then
+        :math:`\|G_k + w x_k\| \le \gamma + w\xi`,
+        :math:`\|B'\| \le \mu\beta + \gamma + w\xi` and the direction :math:`d` and the
+        displacement :math:`\lambda m d` are bounded.  These bounds are far above realistic
+        values (float32: about 3e17 for what is squared).
+        """
+        if not gnorm < math.inf:
+            return False
+        if self._bound is None:
+            self._bound = self._measure_bounds()
+        cached = getattr(self, "_safe_consts", None)
+        if cached is None or cached[0] is not plans:
+            dts = {p.dtype for g in self.param_groups for p in g["params"]
+                   if p.grad is not None and p.is_floating_point()}
+            rmax = 1.0
+            for gp in plans:
+                for ch in gp.chunks:
+                    rmax = max(rmax, float(ch.layout.r))
+                for nm in gp.native:
+                    rmax = max(rmax, float(nm.layout.r))
+            fmax = min((torch.finfo(d).max for d in dts), default=math.inf)
+            cached = self._safe_consts = (plans, fmax, rmax)
+        _, fmax, rmax = cached
+        if fmax == math.inf:
+            return True
+        sq = math.sqrt(fmax) / 64.0
+        mult = 1.0 if self.radius_scaling is None else \
+            float(getattr(self.radius_scaling, "clip", (1.0, 1e3))[1])
+        lrm = max(float(g["lr"]) for g in self.param_groups) * mult
+        mu = max(float(g["momentum"]) for g in self.param_groups)
+        wd = max(float(g["weight_decay"]) for g in self.param_groups)
+        nest = any(g["nesterov"] for g in self.param_groups)
+
+        def within(bnd) -> bool:
+            gam = gnorm + wd * bnd["x"]
+            beta = mu * bnd["beta"] + gam if mu else 0.0
+            d = (gam + mu * beta if nest else beta) if mu else gam
+            ok = max(gam, beta, d, rmax + lrm * d) <= sq and bnd["x"] + lrm * d <= fmax / 4
+            if ok:
+                self._bound = {"beta": beta, "x": bnd["x"] + lrm * d}
+                self._dbound = d * mult
+            return ok
+
+        if within(self._bound):
+            return True
+        self._bound = self._measure_bounds()  # the tracked bounds may be loose: measure
+        return within(self._bound)
+
     def _native_work(self, plans) -> list:
         """Per group and dtype: the members and a ctypes item array, built once per plan
         (the fields that change between steps, gradient pointers and ``lr``, are refreshed
-        by :meth:`_native_step`)."""
+        by :meth:`_native_bind`)."""
         work = getattr(self, "_native_cache", None)
         threads = torch.get_num_threads()
         if work is not None and work[0] is plans and work[2] == threads:
@@ -559,37 +933,27 @@ class ConvergentRSGD(RiemannianSGD):
         self._native_cache = (plans, work, threads)
         return work
 
-    def _native_step(self, plans, euclid_grads: list) -> dict | None:
-        """Fused CPU step of the plans' native kernels.  Every gradient (theirs and
-        ``euclid_grads``, dense CPU float tensors, whose check is cheaper in C than in torch)
-        is checked first: if one is not finite nothing is written and None is returned.
-        Returns the per-group step statistics when ``log_stats``."""
-        work = self._native_work(plans)
-        if not work and not euclid_grads:
-            return {}
+    def _native_bind(self, group, dtype, mems, arr) -> list:
+        """Refresh the fields of the item array that change between steps (gradient
+        pointers, ``lr``, first step); returns the gradient copies made for it."""
         keep = []
-        for group, dtype, mems, arr, _ in work:
-            for it, nm in zip(arr, mems, strict=True):
-                g = nm.param.grad
-                if g.is_sparse:
-                    raise RuntimeError("ConvergentRSGD does not support sparse gradients")
-                g, x = nm.sub(g), nm.sub(nm.param.detach())
-                if g.stride() != x.stride() or g.dtype != dtype:
-                    g = torch.empty_like(x).copy_(g)
-                    keep.append(g)
-                it.g = g.data_ptr()
-                lr = group["lr"]
-                mult = self._multiplier(nm.param)
-                it.lr = float(lr) if mult is None else float(lr * mult)
-                it.fresh = int(nm.fresh)
-            if _native.check(arr, dtype) >= 0:
-                return None
-        by_dtype: dict = {}
-        for g in euclid_grads:
-            by_dtype.setdefault(g.dtype, []).append(g)
-        for gs in by_dtype.values():
-            if _native.check_tensors(gs) >= 0:
-                return None
+        for it, nm in zip(arr, mems, strict=True):
+            g, x = nm.sub(nm.param.grad), nm.sub(nm.param.detach())
+            if g.stride() != x.stride() or g.dtype != dtype:
+                g = torch.empty_like(x).copy_(g)
+                keep.append(g)
+            it.g = g.data_ptr()
+            lr = group["lr"]
+            mult = self._multiplier(nm.param)
+            it.lr = float(lr) if mult is None else float(lr * mult)
+            it.fresh = int(nm.fresh)
+        return keep
+
+    def _native_run(self, plans) -> dict:
+        """Fused CPU step of the plans' native kernels (bound by :meth:`_prepass`, which
+        checked their gradients).  Returns the per-group step statistics when
+        ``log_stats``."""
+        work = self._native_work(plans)
         out: dict = {}
         for group, dtype, mems, arr, parts in work:
             outs = []
@@ -758,21 +1122,58 @@ def _compiling() -> bool:
 
 
 def _native_checkable(g: torch.Tensor) -> bool:
-    return g.is_cpu and g.dtype in _native.DTYPES and g.is_contiguous()
+    return g.layout == torch.strided and g.is_cpu and g.dtype in _native.DTYPES and \
+        g.is_contiguous()
 
 
-def _all_finite(ts: list[torch.Tensor], small: int = 1 << 14) -> bool:
-    """Whether every entry of ``ts`` is finite, with one synchronisation.
-
-    A sum is finite iff all its terms are (or it overflowed: a false alarm, which only makes
-    the caller look closer).  Small tensors (BN parameters, biases) are summed after one
-    ``cat`` instead of one kernel call each.
-    """
+def _norm_bound(ts: list[torch.Tensor], small: int = 1 << 14) -> float:
+    """An upper bound of the largest 2-norm of the tensors ``ts``, with one synchronisation:
+    NaN or Inf if an entry is not finite, and Inf (a false alarm the caller resolves) if a
+    sum of squares overflows.  One ``dot`` per tensor (``vector_norm`` is several times
+    slower on the CPU); small tensors (BN parameters, biases) after one ``cat`` (the norm
+    of the concatenation bounds each one's)."""
+    ts = [t for t in ts if t.numel()]
+    if not ts:
+        return 0.0
     little = [t.reshape(-1) for t in ts if t.numel() <= small]
-    sums = [t.sum() for t in ts if t.numel() > small]
+    sq = []
+    for t in ts:
+        if t.numel() > small:
+            f = t.reshape(-1)
+            sq.append(torch.dot(f, f) if f.dtype in (torch.float32, torch.float64)
+                      else f.float().square().sum())
     if little:
-        sums.append(torch.cat(little).sum())
-    return bool(torch.isfinite(torch.stack(sums)).all())
+        f = torch.cat([t.to(torch.promote_types(t.dtype, torch.float32)) for t in little]) \
+            if len({t.dtype for t in little}) > 1 or little[0].dtype not in (
+                torch.float32, torch.float64) else torch.cat(little)
+        sq.append(torch.dot(f, f))
+    dev = sq[0].device
+    return math.sqrt(float(torch.stack([v.to(device=dev, dtype=torch.float64)
+                                        for v in sq]).max()))
+
+
+def _nanmax(a: float, b: float) -> float:
+    """``max`` that propagates NaN (Python's ``max`` drops it depending on the order)."""
+    return a if a != a else (b if b != b or b > a else a)
+
+
+def _norm64(t: torch.Tensor) -> float:
+    """2-norm in float64 (float32 entries beyond ~1e19 would overflow the sum of squares)."""
+    if not t.numel():
+        return 0.0
+    if t.dtype != torch.float64:
+        return float(torch.linalg.vector_norm(t.detach(), dtype=torch.float64))
+    m = float(t.detach().abs().max())
+    if not 0.0 < m < math.inf:
+        return m
+    return m * float(torch.linalg.vector_norm(t.detach() / m))
+
+
+def _scale_invariant(m) -> bool:
+    """Whether ``m._bretr(x, u, r)`` depends on ``x + u`` only up to positive scaling (the
+    metric projections of spheres and the QR/polar factors of Stiefel manifolds)."""
+    return (isinstance(m, RowSphere) and type(m)._bretr is RowSphere._bretr) or \
+        (isinstance(m, Stiefel) and type(m)._bretr is Stiefel._bretr)
 
 
 def _reproject(m, x):
@@ -780,7 +1181,9 @@ def _reproject(m, x):
     without the float64 SVD that the exact polar projection of a large kernel would cost)."""
     if isinstance(m, Stiefel):
         r = m.radius_of(x.shape)
-        return m.from_batch(r * _qf(m.to_batch(x) / r), x.shape)
+        xb = m.to_batch(x)
+        w = xb.float() if xb.dtype in _HALF else xb  # no half-precision QR on the CPU
+        return m.from_batch((r * _qf(w / r)).to(x.dtype), x.shape)
     return m.projx(x)
 
 
