@@ -7,9 +7,13 @@ sharpness (Riemannian vs Euclidean top Hessian eigenvalue).
 Writes ``landscape_euclidean.png``, ``landscape_manifold.png``, ``seeds_1d.png`` and
 ``landscapes.md`` (a table) into ``--out``.
 
+The 1-D path between two independently trained seeds needs Stiefel logarithms between far
+apart frames (up to St(288, 32) for ``resnet-digits``), which can take minutes; leave
+``stiefel`` out of ``--geometries`` for a quick look.
+
 Example::
 
-    python analysis/landscapes.py --geometries sphere stiefel --points 21 --threads 1
+    python analysis/landscapes.py --geometries sphere oblique --points 21 --threads 1
 """
 
 from __future__ import annotations
