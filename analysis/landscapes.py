@@ -1,14 +1,19 @@
 #!/usr/bin/env python
-"""Loss landscapes of one digits CNN per geometry: 2-D Euclidean (Li et al. 2018) and
-manifold-aware slices with one colour scale, 1-D geodesic vs straight-line interpolation
-between two trained seeds, and sharpness (Riemannian vs Euclidean top Hessian eigenvalue).
+"""Loss landscapes of one digits model per geometry, trained by ``kernelgeo train`` (runs
+kept in ``<out>/runs``): 2-D Euclidean (Li et al. 2018) and manifold-aware slices with one
+colour scale, 1-D geodesic vs straight-line interpolation between two trained seeds, and
+sharpness (Riemannian vs Euclidean top Hessian eigenvalue).
 
 Writes ``landscape_euclidean.png``, ``landscape_manifold.png``, ``seeds_1d.png`` and
 ``landscapes.md`` (a table) into ``--out``.
 
+The 1-D path between two independently trained seeds needs Stiefel logarithms between far
+apart frames (up to St(288, 32) for ``resnet-digits``), which can take minutes; leave
+``stiefel`` out of ``--geometries`` for a quick look.
+
 Example::
 
-    python analysis/landscapes.py --geometries sphere stiefel --points 21 --threads 1
+    python analysis/landscapes.py --geometries sphere oblique --points 21 --threads 1
 """
 
 from __future__ import annotations
@@ -25,7 +30,6 @@ if str(REPO) not in sys.path:  # runnable from a checkout without installing
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-import kernelgeo  # noqa: E402
 from kernelgeo.analysis.hessian import sharpness  # noqa: E402
 from kernelgeo.analysis.landscape import (  # noqa: E402
     Evaluator,
@@ -36,15 +40,16 @@ from kernelgeo.analysis.landscape import (  # noqa: E402
     torch_threads,
 )
 from kernelgeo.analysis.plotting import plot_curves_1d, plot_slices  # noqa: E402
-from kernelgeo.analysis.report import DigitsCNN, digits_tensors, train_small  # noqa: E402
+from kernelgeo.runs import load_run  # noqa: E402
+from kernelgeo.train import TrainConfig, geometry_slug, train  # noqa: E402
 
 
-def _trained(spec: str, seed: int, x, y, epochs: int, lr: float):
-    torch.manual_seed(seed)
-    model = DigitsCNN()
-    kernelgeo.constrain(model, spec, on_invalid="skip")
-    train_small(model, x, y, epochs=epochs, lr=lr, seed=seed)
-    return model
+def _trained(spec: str, seed: int, out: Path, epochs: int, lr: float):
+    """A `kernelgeo train` digits run (default model) in ``out/runs``, loaded."""
+    d = out / "runs" / f"{geometry_slug(spec)}-seed{seed}"
+    train(TrainConfig(dataset="digits", epochs=epochs, lr=lr, geometry=spec, seed=seed,
+                      out=str(d), force=True, quiet=True))
+    return load_run(d)
 
 
 def main(argv=None) -> int:
@@ -64,14 +69,15 @@ def main(argv=None) -> int:
     a = p.parse_args(argv)
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
-    xtr, ytr, _, _ = digits_tensors(0)
-    sx, sy = xtr[:a.subset], ytr[:a.subset]
     se, sm, curves, rows = {}, {}, {}, []
     with torch_threads(a.threads):
         for spec in a.geometries:
             t0 = time.perf_counter()
-            m0 = _trained(spec, a.seeds[0], xtr, ytr, a.epochs, a.lr)
-            m1 = _trained(spec, a.seeds[1], xtr, ytr, a.epochs, a.lr)
+            r0 = _trained(spec, a.seeds[0], out, a.epochs, a.lr)
+            m0 = r0.model
+            m1 = _trained(spec, a.seeds[1], out, a.epochs, a.lr).model
+            xtr, ytr = r0.train_batch(max(a.subset, 256))
+            sx, sy = xtr[:a.subset], ytr[:a.subset]
             ev = Evaluator(m0, sx, sy)
             g = torch.Generator().manual_seed(123)
             de = (li_directions(m0, generator=g), li_directions(m0, generator=g))

@@ -30,6 +30,7 @@ from .constrain import (  # noqa: E402
     unconstrain,
 )
 from .manifolds import available, get_manifold  # noqa: E402
+from .runs import load_run  # noqa: E402
 
 #: subpackages imported on first attribute access
 _LAZY = ("optim", "analysis", "models")
@@ -39,6 +40,7 @@ __all__ = [
     "LayerEntry", "KernelProjectionWarning", "UnusedRuleWarning", "OptimizerStateResetWarning",
     "constraint_error",
     "manifold_parameters", "project_", "load_state_dict", "available", "get_manifold",
+    "load_run",
 ]
 
 

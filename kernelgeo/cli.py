@@ -23,7 +23,6 @@ and why.
 from __future__ import annotations
 
 import argparse
-import math
 import shlex
 import sys
 import time
@@ -293,52 +292,17 @@ def build_parser() -> argparse.ArgumentParser:
 def _add_analyze(sub) -> None:
     from .analysis.report import add_analyze_arguments
 
-    p = sub.add_parser("analyze", help="geometric analysis of kernels and runs",
+    p = sub.add_parser("analyze", help="how each run's geometry reshapes its search space",
                        formatter_class=argparse.RawDescriptionHelpFormatter,
-                       epilog=OUTPUT_HELP)
+                       epilog=OUTPUT_HELP,
+                       description="Analyse trained `kernelgeo train` runs: per layer the "
+                       "invariance gap, curvature along the optimizer's gradient and momentum, "
+                       "normal curvature, distance from the initialization, sharpness, 1-D "
+                       "geodesic vs straight-line interpolation and 2-D slices; writes "
+                       "report.md, figures and summary.json to --out.")
     add_analyze_arguments(p)
-    # the report's own --out default gives way to the runs/<command>/<name> convention
-    p.set_defaults(out=None, func=_cmd_analyze)
+    p.set_defaults(func=_cmd_analyze)
     _add_output(p, "analyze", resume=False, with_out=False)
-
-
-def _finite(v) -> bool:
-    return math.isfinite(v)
-
-
-#: analyze option -> (check, what is valid)
-_ANALYZE_CHECKS = {
-    "epochs": (lambda v: v >= 1, "a positive integer"),
-    "lr": (lambda v: _finite(v) and v > 0, "a finite number > 0"),
-    "momentum": (lambda v: _finite(v) and 0 <= v < 1, "a number in [0, 1)"),
-    "seed": (lambda v: 0 <= v <= 2**63 - 1, "an integer in [0, 2**63)"),
-    "points": (lambda v: v >= 2, "an integer >= 2"),
-    "span": (lambda v: _finite(v) and v > 0, "a finite number > 0"),
-    "subset": (lambda v: v >= 1, "a positive integer"),
-    "threads": (lambda v: v is None or v >= 1, "a positive integer"),
-}
-
-
-def _validate_analyze(args) -> None:
-    for name, (ok, what) in _ANALYZE_CHECKS.items():
-        v = getattr(args, name)
-        if v is not None and not ok(v):
-            raise ConfigError(f"--{name} must be {what}, got {v!r}")
-    if args.geometries:
-        from .manifolds import GeometryError, parse_geometry
-
-        for g in args.geometries:
-            try:
-                parse_geometry(g)
-            except GeometryError as err:
-                raise ConfigError(str(err)) from None
-    if args.model != "digits-cnn":
-        from .models import check_model_name
-
-        try:
-            args.model = check_model_name(args.model)
-        except ValueError as err:
-            raise ConfigError(f"--model: {err} (or 'digits-cnn')") from None
 
 
 def _out_dir(args, command: str, *, resume: bool = False) -> Path:
@@ -361,15 +325,22 @@ def _out_dir(args, command: str, *, resume: bool = False) -> Path:
 
 def _cmd_analyze(args, argv) -> int:
     from .analysis.report import main_analyze
+    from .runs import RunError
     from .training import rundir
 
-    _validate_analyze(args)
     out = _out_dir(args, "analyze")
     action = rundir.check_out(out, force=args.force, what="report", resumable=False)
-    moved = rundir.prepare_out(out, action)
-    if moved is not None:
-        print(f"moved the previous contents of {out} to {moved} (--force)")
-    return int(main_analyze(args) or 0)
+
+    def prepare():
+        moved = rundir.prepare_out(out, action)
+        if moved is not None:
+            print(f"moved the previous contents of {out} to {moved} (--force)")
+
+    try:
+        # the runs are loaded and checked before the output directory is touched
+        return int(main_analyze(args, before_write=prepare) or 0)
+    except RunError as err:
+        raise ConfigError(str(err)) from None
 
 
 _SKIP = {"func", "command", "geometries", "seeds", "title", "no_checkpoint", "name"}

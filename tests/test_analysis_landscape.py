@@ -1,4 +1,4 @@
-"""Landscapes, Riemannian Hessians, figures and the normalization report."""
+"""Landscapes, Riemannian Hessians and figures."""
 
 import math
 import time
@@ -7,30 +7,36 @@ import numpy as np
 import pytest
 import torch
 
-import kernelgeo
 from kernelgeo._compat import ManifoldParameter
 from kernelgeo.analysis import hessian as H
 from kernelgeo.analysis import landscape as L
 from kernelgeo.analysis.plotting import image_variance, plot_curves_1d, plot_slices
-from kernelgeo.analysis.report import DigitsCNN, digits_tensors, train_small
 from kernelgeo.manifolds import Sphere, Stiefel
 
-
-@pytest.fixture(scope="module")
-def digits():
-    return digits_tensors(0)
+GEOMETRY = "conv1=sphere,layer1.*=stiefel,layer2.*=po:sphere+oblique"
 
 
 @pytest.fixture(scope="module")
-def trained(digits):
-    xtr, ytr, _, _ = digits
-    torch.manual_seed(0)
-    model = DigitsCNN(width=8)
-    kernelgeo.constrain(model, {"conv1": "sphere", "conv2": "stiefel",
-                                "conv3": "po:sphere+oblique"})
-    with L.torch_threads(1):
-        train_small(model, xtr, ytr, epochs=1, seed=0)
-    return model
+def run(tmp_path_factory):
+    """A one-epoch digits run of `kernelgeo train` with three kernel geometries."""
+    from kernelgeo.runs import load_run
+    from kernelgeo.train import TrainConfig, train
+
+    out = tmp_path_factory.mktemp("landscape") / "run"
+    train(TrainConfig(dataset="digits", epochs=1, geometry=GEOMETRY, out=str(out), seed=0,
+                      quiet=True, threads=1))
+    return load_run(out)
+
+
+@pytest.fixture(scope="module")
+def digits(run):
+    x, y = run.train_batch(512)
+    return x, y, None, None
+
+
+@pytest.fixture(scope="module")
+def trained(run):
+    return run.model
 
 
 def test_li_directions_have_the_weights_filter_norms(trained, gen):
@@ -77,13 +83,10 @@ def test_21x21_slices_fast_centred_and_plotted(trained, digits, tmp_path, gen):
     assert f.exists() and image_variance(f) > 1e-3
 
 
-def test_1d_geodesic_vs_linear(trained, digits, tmp_path):
+def test_1d_geodesic_vs_linear(run, trained, digits, tmp_path):
     xtr, ytr, _, _ = digits
     ev = L.Evaluator(trained, xtr[:128], ytr[:128])
-    torch.manual_seed(1)
-    start = DigitsCNN(width=8)
-    kernelgeo.constrain(start, {"conv1": "sphere", "conv2": "stiefel",
-                                "conv3": "po:sphere+oblique"})
+    start = run.init_state
     c = L.landscape_1d(trained, ev, start, trained, ts=[0.0, 0.5, 1.0],
                        stiefel_metric="canonical")
     assert c["geodesic_loss"][-1] == pytest.approx(ev()[0], rel=1e-5)
@@ -144,22 +147,3 @@ def test_sharpness_of_model(trained, digits):
         r = H.sharpness(trained, xtr[:64], ytr[:64], riemannian=True, tol=1e-3)
         e = H.sharpness(trained, xtr[:64], ytr[:64], riemannian=False, tol=1e-3)
     assert math.isfinite(r) and math.isfinite(e) and r > 0 and e > 0
-
-
-def test_report_renders(tmp_path, digits):
-    import argparse
-
-    from kernelgeo.analysis.report import add_analyze_arguments, main_analyze
-
-    p = add_analyze_arguments(argparse.ArgumentParser())
-    args = p.parse_args(["--out", str(tmp_path), "--geometries", "euclidean", "sphere",
-                         "po:sphere+stiefel", "--epochs", "1", "--points", "5", "--subset",
-                         "128", "--threads", "1"])
-    assert main_analyze(args) == 0
-    md = (tmp_path / "report.md").read_text()
-    for needle in ("# Normalization report", "sphere (BN/WN)", "St(", "angular step",
-                   "landscape_manifold.png", "sharpness"):
-        assert needle in md
-    for png in ("landscape_euclidean.png", "landscape_manifold.png", "interpolation_1d.png",
-                "angular_step.png", "path_length.png"):
-        assert image_variance(tmp_path / png) > 1e-3, png

@@ -111,15 +111,6 @@ def test_demo_runs(tmp_path, capsys):
      "4 components for 2 group(s)"),
     (["train", "--geometry", "po:2:3:sphere"], "bad product spec"),
     (["train", "--geometry", "po:sphere+"], "empty component name"),
-    (["analyze", "--epochs", "0"], "--epochs must be a positive integer"),
-    (["analyze", "--lr", "inf"], "--lr must be a finite number > 0"),
-    (["analyze", "--momentum", "5"], "--momentum must be a number in [0, 1)"),
-    (["analyze", "--seed", "-1"], "--seed must be an integer in [0, 2**63)"),
-    (["analyze", "--points", "1"], "--points must be an integer >= 2"),
-    (["analyze", "--span", "nan"], "--span must be a finite number > 0"),
-    (["analyze", "--subset", "0"], "--subset must be a positive integer"),
-    (["analyze", "--geometries", "sphere", "spheer"], "valid names"),
-    (["analyze", "--model", "resnet21"], "valid: resnet20"),
 ])
 def test_bad_values_exit_2_with_one_line(argv, needle, capsys):
     code, _, err = _run(argv, capsys)
@@ -140,9 +131,7 @@ def test_bad_output_directories_exit_2(tmp_path, capsys):
     assert code == 2 and "--out or --name, not both" in err
     code, _, err = _run(["train", "--out", str(tmp_path), "--resume", "--force"], capsys)
     assert code == 2 and "give one of them" in err
-    code, _, err = _run(["analyze", "--out", str(tmp_path), "--epochs", "0"], capsys)
-    assert code == 2 and f.read_text() == "x"
-    for cmd in ("analyze", "demo"):
+    for cmd in ("demo",):
         code, _, err = _run([cmd, "--out", str(tmp_path)], capsys)
         assert code == 2 and "already holds a" in err and "--resume" not in err
         assert "--force" in err and f.read_text() == "x"
@@ -198,14 +187,6 @@ def test_geometry_is_parsed_once(tmp_path, monkeypatch):
     assert main(["train", "--geometry", "layer1.*=sphere,*=euclidean", "--epochs", "1",
                  "--max-steps", "1", "--quiet", "--out", str(tmp_path / "r")]) == 0
     assert calls["n"] == 1
-
-
-def test_analyze_writes_to_runs_analyze_name(tmp_path, monkeypatch, capsys):
-    monkeypatch.chdir(tmp_path)
-    assert main(["analyze", "--epochs", "1", "--points", "3", "--subset", "64",
-                 "--no-sharpness", "--geometries", "sphere", "--threads", "1",
-                 "--name", "a"]) == 0
-    assert (tmp_path / "runs/analyze/a/report.md").is_file()
 
 
 def test_torchrun_needs_an_explicit_output_name(monkeypatch, capsys):

@@ -43,7 +43,7 @@ PAGES = [
 ]
 #: documented after the kernelgeo.training package (kernelgeo.train only re-exports it)
 TRAINING_MODULES = ["kernelgeo.compare", "kernelgeo.cli", "kernelgeo.checkpoint",
-                    "kernelgeo.distributed"]
+                    "kernelgeo.runs", "kernelgeo.distributed"]
 #: modules documented at the end of a page (top-level modules that are not packages)
 EXTRA_MODULES = {"data": ["kernelgeo.folder"]}
 #: modules documented on the kernelgeo page instead of their own (name clash with a function)
@@ -122,7 +122,9 @@ def page_for_package(pkgname: str, title: str, intro: str) -> str:
         lines += [".. py:module:: kernelgeo", "", ".. autosummary::", "   :nosignatures:", ""]
         lines += [f"   {n}" for n in folded]
         manifolds = importlib.import_module("kernelgeo.manifolds")
-        lines += [f"   {'manifolds.' if n in manifolds.__all__ else ''}{n}" for n in linked]
+        runs = importlib.import_module("kernelgeo.runs")
+        lines += [f"   {'manifolds.' if n in manifolds.__all__ else ''}"
+                  f"{'runs.' if n in runs.__all__ else ''}{n}" for n in linked]
         lines += ["", f"``kernelgeo.__version__`` is ``{pkg.__version__}``.  The functions "
                   "below are defined in ``kernelgeo/constrain.py``.", ""]
         for n in folded:

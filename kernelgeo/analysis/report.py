@@ -1,32 +1,51 @@
-r"""The normalization report: what each kernel geometry does to the search space of a model.
+r"""The normalization report: how each kernel geometry reshapes the search space of a trained run.
 
-:func:`normalization_report` trains one copy of a model per geometry (euclidean, sphere =
-BN/WN, centred sphere = CWN, oblique, Stiefel = OWN and a product) on a small data set, and
-writes ``report.md`` with figures into an output directory:
+:func:`normalization_report` reads one or more ``kernelgeo train`` run directories (with
+:func:`kernelgeo.runs.load_run`) and writes ``report.md`` with figures and ``summary.json``.  For
+every kernel of every run it measures, at the trained weights:
 
-* per layer: dimension of the search space, analytic curvature bounds and a sampled range,
-  injectivity radius, diameter (:mod:`~kernelgeo.analysis.curvature`);
-* effective angular step per unit of learning rate, :math:`\|\mathrm{grad}_i\|/\|w_i\|` per
-  filter :math:`i` (for a filter of norm :math:`r` the angle turned by a gradient step of size
-  :math:`\eta` is :math:`\approx\eta\|\mathrm{grad}_i\|/r`), and gradient-norm statistics;
-* distances travelled: geodesic path length through every optimizer step against the
-  geodesic distance from the initialization (:mod:`~kernelgeo.analysis.geodesics`);
-* landscapes around each trained solution: 2-D Euclidean (Li et al.) and manifold-aware
-  slices with one colour scale, 1-D geodesic vs straight line from the initialization,
-  sharpness (Riemannian vs Euclidean top Hessian eigenvalue).
+* **invariance gap**: the per-layer symmetry the network really has (a convolution or linear
+  layer whose output feeds a batch norm directly is invariant to a positive scale per output
+  filter: ``out`` dimensions of flat directions; without batch norm, none) against the
+  dimensions the constraint removes (``numel - dim``: sphere ``out``, Stiefel
+  :math:`p(p+1)/2` per block...).  *Symmetry left* is the rank of the symmetry directions
+  after projection onto the tangent space (directions the optimizer can still wander along
+  without changing the loss); *restriction* is the number of removed dimensions that are not
+  symmetries (they restrict the functions the layer can represent);
+* **sectional curvature along the optimizer's plane**: :math:`K_x(g, m)` of the plane spanned
+  by the Riemannian gradient :math:`g` of the training loss on one training batch (the model
+  in training mode, as in a step) and the momentum buffer :math:`m` stored in the
+  checkpoint's optimizer state (Gauss equation,
+  :func:`~kernelgeo.analysis.curvature.sectional_curvature`);
+* **normal curvature** :math:`\|\mathrm{II}(u,u)\|/\|u\|^2` for :math:`u = g` and
+  :math:`u = m`: a retraction (or a straight Euclidean step) of length :math:`s` along
+  :math:`u` leaves the geodesic by :math:`\tfrac12 s^2\|\mathrm{II}(u,u)\|/\|u\|^2 + O(s^3)`;
+* **angular step**: median over filters of :math:`\|g_i\|/\|w_i\|` (a step of size
+  :math:`\eta` turns filter :math:`i` by about :math:`\eta\|g_i\|/\|w_i\|` radians);
+* **distance from the initialization**: geodesic distance to the re-created initial weights
+  (:func:`~kernelgeo.analysis.geodesics.layer_distances`; NaN with the reason where a
+  Stiefel distance cannot be computed and certified) next to the chordal (Euclidean)
+  distance; the path length is not recorded by training runs and is reported as n/a;
+* **sharpness**: top eigenvalue of the Riemannian and of the Euclidean Hessian of the
+  training loss on a fixed subset (:func:`~kernelgeo.analysis.hessian.sharpness`);
+* **1-D interpolation** from the initialization (t=0) to the trained weights (t=1) along the
+  geodesic and along the straight line, on a grid holding t=0 and t=1 exactly;
+* **2-D slices**: manifold-aware (tangent directions moved by the exponential map) and
+  Euclidean (Li et al.) slices of the training loss around the trained weights
+  (:mod:`~kernelgeo.analysis.landscape`).
 
-The default model is a tiny CNN on scikit-learn's 8x8 digits, trained by a small
-self-contained loop (so a full report takes about a minute on a CPU).  The command line is
-``kernelgeo analyze`` (:func:`add_analyze_arguments`, :func:`main_analyze`) or the script
-``analysis/normalization_report.py``.
+Several runs give side-by-side tables and figures.  The command line is ``kernelgeo analyze
+RUN_DIR [RUN_DIR ...]`` (:func:`add_analyze_arguments`, :func:`main_analyze`).
 """
 
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import math
 import time
+import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -36,13 +55,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .._compat import ManifoldParameter
-from .curvature import curvature_table, rows_to_markdown
-from .geodesics import PathRecorder, parameter_manifolds
+from ..manifolds import KernelManifold, KernelProduct
+from .curvature import second_fundamental_form, sectional_curvature
+from .geodesics import interpolate_state_dict, layer_distances, parameter_manifolds
 from .hessian import sharpness
 from .landscape import (
     Evaluator,
-    landscape_1d,
     landscape_2d,
     li_directions,
     tangent_directions,
@@ -50,388 +68,673 @@ from .landscape import (
 )
 from .plotting import plot_bars, plot_curves_1d, plot_slices
 
-__all__ = [
-    "DEFAULT_GEOMETRIES", "DigitsCNN", "digits_tensors", "train_small", "GeometryRun",
-    "normalization_report", "add_analyze_arguments", "main_analyze",
-]
+__all__ = ["LayerAnalysis", "RunAnalysis", "analyze_run", "invariance_gap",
+           "scale_symmetric_layers", "optimizer_directions", "interpolation_grid",
+           "normalization_report", "add_analyze_arguments", "main_analyze", "DEFAULTS"]
 
-#: label -> geometry spec (for :func:`kernelgeo.constrain`)
-DEFAULT_GEOMETRIES = {
-    "euclidean": "euclidean",
-    "sphere (BN/WN)": "sphere",
-    "centered sphere (CWN)": "centered-sphere",
-    "oblique": "oblique",
-    "Stiefel (OWN)": "stiefel",
-    "product po:sphere+stiefel": "po:sphere+stiefel",
-}
-
-
-class DigitsCNN(nn.Module):
-    """Three 3x3 conv layers with batch norm, for 1x8x8 digits (about 7k parameters)."""
-
-    def __init__(self, width: int = 16, num_classes: int = 10, in_channels: int = 1):
-        super().__init__()
-        self.conv1 = nn.Conv2d(in_channels, width, 3, padding=1, bias=False)
-        self.bn1 = nn.BatchNorm2d(width)
-        self.conv2 = nn.Conv2d(width, width, 3, padding=1, bias=False)
-        self.bn2 = nn.BatchNorm2d(width)
-        self.conv3 = nn.Conv2d(width, 2 * width, 3, padding=1, bias=False)
-        self.bn3 = nn.BatchNorm2d(2 * width)
-        self.fc = nn.Linear(2 * width, num_classes)
-
-    def forward(self, x):
-        x = F.relu(self.bn1(self.conv1(x)))
-        x = F.max_pool2d(F.relu(self.bn2(self.conv2(x))), 2)
-        x = F.relu(self.bn3(self.conv3(x)))
-        return self.fc(x.mean((2, 3)))
-
-
-def digits_tensors(seed: int = 0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor,
-                                           torch.Tensor]:
-    """scikit-learn digits as float tensors ``(N, 1, 8, 8)`` in [0, 1] (standardised), labels;
-    an 80/20 stratified split fixed by ``seed``: ``(x_train, y_train, x_test, y_test)``."""
-    from sklearn.datasets import load_digits
-    from sklearn.model_selection import train_test_split
-
-    d = load_digits()
-    x = (d.images / 16.0).astype(np.float32)[:, None]
-    x = (x - x.mean()) / x.std()
-    y = d.target.astype(np.int64)
-    itr, ite = train_test_split(np.arange(len(y)), test_size=0.2, stratify=y,
-                                random_state=seed)
-    t = torch.from_numpy
-    return t(x[itr]), t(y[itr]), t(x[ite]), t(y[ite])
-
-
-def _optimizer(params, lr: float, momentum: float):
-    """kernelgeo's convergent RSGD with its default step rule, and its description."""
-    from ..optim import ConvergentRSGD
-
-    opt = ConvergentRSGD(params, lr=lr, momentum=momentum)
-    return opt, f"kernelgeo ConvergentRSGD ({opt.defaults['step_rule']} rule)"
+#: defaults of :func:`normalization_report` and ``kernelgeo analyze`` (fast on a CPU)
+DEFAULTS = {"points": 11, "span": 1.0, "subset": 256, "sharpness_subset": 128,
+            "interp_points": 13, "seed": 0}
 
 
 @dataclass
-class GeometryRun:
-    """Everything measured for one geometry."""
+class LayerAnalysis:
+    """What :func:`analyze_run` measures for one kernel (one row of the layer tables)."""
+
+    name: str
+    shape: tuple
+    geometry: str
+    numel: int
+    dim: int
+    removed: int
+    batch_norm: bool
+    symmetry: int
+    symmetry_left: int
+    restriction: int
+    grad_norm: float = math.nan
+    momentum_norm: float = math.nan
+    cos_grad_momentum: float = math.nan
+    curvature: float = math.nan
+    curvature_note: str = ""
+    normal_grad: float = math.nan
+    normal_momentum: float = math.nan
+    angular_step: float = math.nan
+    distance: float = math.nan
+    distance_note: str = ""
+    chordal: float = math.nan
+
+
+@dataclass
+class RunAnalysis:
+    """Everything :func:`analyze_run` measures for one run."""
 
     label: str
-    spec: str
-    model: nn.Module
-    init_state: dict
-    optimizer_name: str = ""
-    train_loss: float = math.nan
-    test_acc: float = math.nan
-    seconds: float = 0.0
-    grad_norms: dict = field(default_factory=dict)      # layer -> list over steps
-    angular_steps: dict = field(default_factory=dict)   # layer -> list (median per step)
-    path: dict = field(default_factory=dict)            # layer -> path length
-    endpoint: dict = field(default_factory=dict)        # layer -> distance from init
+    path: str
+    geometry: str
+    model: str
+    optimizer: str
+    epochs: int
+    steps: int
+    final_test_error: float
+    train_loss: float
+    train_acc: float
+    init_note: str
+    layers: list = field(default_factory=list)
     sharp_riem: float = math.nan
     sharp_eucl: float = math.nan
-    geometry_rows: list = field(default_factory=list)
+    sharp_note: str = ""
+    curve: dict = field(default_factory=dict)
+    curve_note: str = ""
+    slice_manifold: object = None
+    slice_euclidean: object = None
+    seconds: float = 0.0
 
 
-def _kernel_params(model):
-    return {k: p for k, p in model.named_parameters() if p.dim() >= 2}
+# ----------------------------------------------------------------- symmetry of the layers
+def scale_symmetric_layers(model: nn.Module, example: torch.Tensor) -> dict[str, str]:
+    """Weights whose layer's output feeds a batch norm directly: ``{weight name: bn name}``.
 
-
-def train_small(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, epochs: int = 6,
-                lr: float = 0.1, momentum: float = 0.9, batch_size: int = 64, seed: int = 0,
-                run: GeometryRun | None = None) -> GeometryRun:
-    """Train ``model`` (already constrained) with Riemannian SGD, recording the geometry.
-
-    Records, per optimizer step and kernel: the Riemannian gradient norm, the median over
-    filters of :math:`\\|\\mathrm{grad}_i\\|/\\|w_i\\|` (angular step per unit of learning
-    rate) and the geodesic length of the step (:class:`PathRecorder`).
+    Found by running ``example`` through ``model`` with forward hooks: a convolution or
+    linear layer whose output tensor is the input of a ``_BatchNorm`` module.  For those
+    layers the loss (with batch statistics) is unchanged when output filter :math:`i` is
+    multiplied by any :math:`c_i > 0`.  Symmetries spanning several layers (e.g. a scale moved
+    through a ReLU into the next layer) are not counted.
     """
-    run = run or GeometryRun("model", "?", model, {})
-    g = torch.Generator().manual_seed(seed)
-    opt, run.optimizer_name = _optimizer(model.parameters(), lr, momentum)
-    rec = PathRecorder(model, opt)
-    kernels = _kernel_params(model)
-    mans = parameter_manifolds(model)
-    t0 = time.perf_counter()
+    outputs: dict[int, str] = {}
+    found: dict[str, str] = {}
+    hooks = []
+
+    def after(name):
+        def hook(mod, inp, out):
+            if isinstance(mod, (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)):
+                outputs[id(out)] = name
+            elif isinstance(mod, nn.modules.batchnorm._BatchNorm) and inp:
+                src = outputs.get(id(inp[0]))
+                if src is not None:
+                    found[f"{src}.weight" if src else "weight"] = name
+        return hook
+
+    for name, mod in model.named_modules():
+        hooks.append(mod.register_forward_hook(after(name)))
+    was = model.training
+    try:
+        model.eval()
+        with torch.no_grad():
+            model(example)
+    finally:
+        model.train(was)
+        for h in hooks:
+            h.remove()
+    return found
+
+
+def invariance_gap(manifold: KernelManifold, x: torch.Tensor, scale_invariant: bool
+                   ) -> tuple[int, int, int, int]:
+    """``(removed, symmetry, symmetry_left, restriction)`` in dimensions for one kernel.
+
+    ``removed = numel - dim`` (dimensions the constraint takes away); ``symmetry`` is the
+    number of per-filter scale directions :math:`e_i \\otimes w_i` (``out`` when the layer
+    feeds a batch norm, else 0); ``symmetry_left`` is the rank of their projections onto
+    :math:`T_x\\mathcal M` (flat directions still in the search space); ``restriction =
+    removed - (symmetry - symmetry_left)`` (removed dimensions that are not symmetries).
+    """
+    # on the manifold in float64: float32 drift would make normal directions look tangent
+    x = manifold.projx(x.detach().double())
+    numel = x.numel()
+    removed = numel - manifold.dim(tuple(x.shape))
+    if not scale_invariant:
+        return removed, 0, 0, removed
+    out = x.shape[0]
+    dirs = torch.zeros((out,) + tuple(x.shape), dtype=torch.float64)
+    for i in range(out):
+        dirs[i, i] = x[i]
+    proj = torch.stack([manifold.proju(x, d) for d in dirs]).reshape(out, -1)
+    scale = float(dirs.reshape(out, -1).norm(dim=1).max()) or 1.0
+    left = int(torch.linalg.matrix_rank(proj, atol=1e-8 * scale))
+    return removed, out, left, removed - (out - left)
+
+
+# ------------------------------------------------------------ the optimizer's directions
+def _momentum(opt: torch.optim.Optimizer, p: torch.Tensor, m: KernelManifold
+              ) -> torch.Tensor | None:
+    st = opt.state.get(p, {})
+    if st.get("momentum_buffer") is not None:
+        return st["momentum_buffer"].detach()
+    blocks = st.get("momentum_blocks")
+    if not blocks or any(b is None for b in blocks):
+        return None
+    if isinstance(m, KernelProduct) and len(blocks) > 1:
+        full = torch.zeros_like(p.detach())
+        for b, (_, idx) in zip(blocks, m.blocks(p.shape)):
+            full[idx] = b.detach().reshape(full[idx].shape)
+        return full
+    return blocks[0].detach().reshape(p.shape)
+
+
+def optimizer_directions(run, x: torch.Tensor, y: torch.Tensor
+                         ) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor | None]]:
+    """Riemannian gradients of the training loss on ``(x, y)`` and the momentum buffers.
+
+    The gradient is computed on a copy of ``run.model`` in training mode (batch statistics,
+    as in a training step; the model's running statistics are untouched) and projected onto
+    each kernel's tangent space (weight decay not included).  The momentum buffers come from
+    the checkpoint's optimizer state (``None`` where the optimizer keeps none), projected onto
+    the tangent space to remove float drift.
+    """
+    model = copy.deepcopy(run.model)
     model.train()
-    for _ in range(epochs):
-        perm = torch.randperm(len(x), generator=g)
-        for s in range(0, len(x), batch_size):
-            idx = perm[s:s + batch_size]
-            opt.zero_grad()
-            loss = F.cross_entropy(model(x[idx]), y[idx])
-            loss.backward()
-            with torch.no_grad():
-                for k, p in kernels.items():
-                    rg = mans[k].proju(p.detach(), p.grad)
-                    run.grad_norms.setdefault(k, []).append(float(rg.norm()))
-                    ratio = rg.flatten(1).norm(dim=1) / p.detach().flatten(1).norm(dim=1)
-                    run.angular_steps.setdefault(k, []).append(float(ratio.median()))
-            opt.step()
-    run.seconds = time.perf_counter() - t0
-    rec.remove()
-    run.path = dict(rec.length)
-    run.endpoint = rec.endpoint()
-    return run
+    model.zero_grad(set_to_none=True)
+    F.cross_entropy(model(x), y).backward()
+    mans = parameter_manifolds(run.model)
+    opt = run.optimizer()
+    params = dict(run.model.named_parameters())
+    grads, moms = {}, {}
+    for name, p in model.named_parameters():
+        if p.grad is None:
+            continue
+        m = mans[name]
+        w = params[name].detach()
+        grads[name] = m.proju(w, p.grad.detach())
+        buf = _momentum(opt, params[name], m)
+        moms[name] = None if buf is None else m.proju(w, buf)
+    return grads, moms
 
 
-def _md_table(header: Sequence[str], rows: Sequence[Sequence]) -> str:
-    def f(v):
-        if isinstance(v, float):
-            return "-" if math.isnan(v) else ("inf" if math.isinf(v) else f"{v:.4g}")
-        return str(v)
+def interpolation_grid(n: int = 13, lo: float = -0.25, hi: float = 1.25) -> np.ndarray:
+    """``n`` evenly spaced values on ``[lo, hi]`` (``lo <= 0``, ``hi >= 1``) in which the
+    points nearest 0 and 1 are exactly 0.0 and 1.0."""
+    if not (lo <= 0 and hi >= 1 and n >= 2):
+        raise ValueError(f"the grid must contain [0, 1] and have n >= 2; got [{lo}, {hi}], {n}")
+    ts = np.linspace(lo, hi, n)
+    for v in (0.0, 1.0):
+        ts[int(np.argmin(np.abs(ts - v)))] = v
+    if len(set(ts.tolist())) != n:
+        raise ValueError(f"n={n} is too small for a grid over [{lo}, {hi}] holding 0 and 1")
+    return ts
 
-    out = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    out += ["| " + " | ".join(f(v) for v in r) + " |" for r in rows]
-    return "\n".join(out)
+
+# ------------------------------------------------------------------------- one run
+def _layer_rows(run, grads, moms, sym_layers) -> list[LayerAnalysis]:
+    mans = parameter_manifolds(run.model)
+    rows = []
+    dist_notes: dict[str, str] = {}
+    dists: dict[str, float] = {}
+    if run.init_state is not None:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            dists = layer_distances(mans, run.init_state, run.model)
+        for w in caught:
+            # "<name>: <metric> distance not computed, recorded as NaN: <reason>"
+            name, _, rest = str(w.message).partition(": ")
+            dist_notes[name] = "distance refused: " + rest.rpartition("recorded as NaN: ")[2]
+    for name, p in run.model.named_parameters():
+        if p.dim() < 2:
+            continue
+        m = mans[name]
+        x = p.detach().double()
+        shape = tuple(p.shape)
+        removed, sym, left, restr = invariance_gap(m, x, name in sym_layers)
+        row = LayerAnalysis(name, shape, m.describe(shape), x.numel(), m.dim(shape), removed,
+                            name in sym_layers, sym, left, restr)
+        g = grads.get(name)
+        mo = moms.get(name)
+        if g is not None:
+            g = g.double()
+            row.grad_norm = float(g.norm())
+            if row.grad_norm > 0:
+                row.normal_grad = float(second_fundamental_form(m, x, g, g).norm()) \
+                    / row.grad_norm ** 2
+            ratio = g.flatten(1).norm(dim=1) / x.flatten(1).norm(dim=1).clamp_min(1e-300)
+            row.angular_step = float(ratio.median())
+        if mo is not None:
+            mo = mo.double()
+            row.momentum_norm = float(mo.norm())
+            if row.momentum_norm > 0:
+                row.normal_momentum = float(second_fundamental_form(m, x, mo, mo).norm()) \
+                    / row.momentum_norm ** 2
+        if g is None or mo is None:
+            row.curvature_note = "no momentum buffer (momentum 0 or not kept by the optimizer)"
+        elif row.grad_norm == 0 or row.momentum_norm == 0:
+            row.curvature_note = "zero gradient or momentum"
+        else:
+            row.cos_grad_momentum = float((g * mo).sum()) / (row.grad_norm * row.momentum_norm)
+            if abs(row.cos_grad_momentum) > 1 - 1e-6:
+                row.curvature_note = "gradient and momentum are parallel: no plane"
+            else:
+                row.curvature = float(sectional_curvature(m, x, g, mo))
+        if run.init_state is None:
+            row.distance_note = run.init_note
+        else:
+            row.distance = dists.get(name, math.nan)
+            row.distance_note = dist_notes.get(name, "")
+            row.chordal = float((x - run.init_state[name].double()).norm())
+        rows.append(row)
+    return rows
 
 
-def normalization_report(out_dir: str | Path, *,
-                         geometries: dict[str, str] | None = None,
-                         model_fn: Callable[[], nn.Module] = DigitsCNN,
-                         data: tuple | None = None, epochs: int = 6, lr: float = 0.1,
-                         momentum: float = 0.9, seed: int = 0, points: int = 21,
-                         span: float = 1.0, subset: int = 512, sharpness_subset: int = 256,
-                         with_sharpness: bool = True, threads: int | None = None,
-                         log: Callable[[str], None] = print) -> Path:
-    """Train one model per geometry and write ``report.md`` with figures into ``out_dir``.
+def _curve(run, ev: Evaluator, ts) -> tuple[dict, str]:
+    if run.init_state is None:
+        return {}, run.init_note
+    mans = parameter_manifolds(run.model)
+    trained = {k: v.detach() for k, v in run.model.state_dict().items()}
+    out, note = {"t": np.asarray(ts)}, ""
+    for mode in ("geodesic", "linear"):
+        logs: dict = {}
+        ls, accs = [], []
+        for t in ts:
+            try:
+                st = interpolate_state_dict(mans, run.init_state, trained, float(t), mode=mode,
+                                            logs=logs)
+                loss, acc = ev(st)
+            except RuntimeError as err:  # StiefelLogError: refused, not replaced
+                note = f"geodesic refused: {err}"
+                loss, acc = math.nan, math.nan
+            ls.append(loss)
+            accs.append(acc)
+        out[f"{mode}_loss"], out[f"{mode}_acc"] = np.array(ls), np.array(accs)
+    return out, note
+
+
+def analyze_run(run, *, label: str | None = None, points: int = DEFAULTS["points"],
+                span: float = DEFAULTS["span"], subset: int = DEFAULTS["subset"],
+                sharpness_subset: int = DEFAULTS["sharpness_subset"],
+                interp_points: int = DEFAULTS["interp_points"], with_sharpness: bool = True,
+                with_slices: bool = True, seed: int = DEFAULTS["seed"]) -> RunAnalysis:
+    """Measure one loaded run (:func:`kernelgeo.runs.load_run`); see the module docstring.
 
     Parameters
     ----------
-    out_dir : str or Path
-        Created if needed; receives ``report.md``, ``*.png`` and ``summary.json``.
-    geometries : dict, optional
-        ``{label: spec}`` (default :data:`DEFAULT_GEOMETRIES`); a spec is anything
-        :func:`kernelgeo.constrain` accepts (a name, product string or per-layer mapping).
-    model_fn : callable
-        Builds a fresh model (same architecture for every geometry; seeded by ``seed``).
-    data : tuple, optional
-        ``(x_train, y_train, x_test, y_test)`` tensors; default: :func:`digits_tensors`.
-    epochs, lr, momentum, seed
-        Training of every copy (same initialization and batch order for all geometries).
+    run : kernelgeo.runs.Run
+    label : str, optional
+        Name in tables and figures (default: the run directory's name).
     points, span
-        2-D landscape grid (``points x points`` over ``[-span, span]^2``).
-    subset, sharpness_subset
-        Size of the fixed training subset for landscapes and for the Hessian.
-    with_sharpness : bool
-        Compute Riemannian and Euclidean top Hessian eigenvalues.
+        2-D slices: ``points x points`` grid over ``[-span, span]^2``.
+    subset
+        Training images (first ones, unaugmented) for losses, landscapes and interpolation.
+    sharpness_subset
+        Training images for the Hessian eigenvalues.
+    interp_points
+        Points of the 1-D interpolation grid on ``[-0.25, 1.25]`` (holds 0 and 1 exactly).
+    seed
+        Random directions of the 2-D slices.
+    """
+    t0 = time.perf_counter()
+    cfg = run.config
+    x, y = run.train_batch(max(subset, sharpness_subset))
+    sub_x, sub_y = x[:subset], y[:subset]
+    gx, gy = run.train_batch(cfg.batch_size)
+    grads, moms = optimizer_directions(run, gx, gy)
+    sym = scale_symmetric_layers(run.model, sub_x[:2])
+    ev = Evaluator(run.model, sub_x, sub_y)
+    loss, acc = ev()
+    hist = run.history[-1] if run.history else {}
+    res = RunAnalysis(label or run.name, str(run.path), run.geometry, str(cfg.model),
+                      f"{cfg.optimizer} (lr {cfg.lr}, momentum {cfg.momentum}, "
+                      f"{cfg.schedule})", run.epoch, run.step,
+                      float(hist.get("test_error", math.nan)), loss, acc, run.init_note)
+    res.layers = _layer_rows(run, grads, moms, sym)
+    if with_sharpness:
+        sx, sy = x[:sharpness_subset], y[:sharpness_subset]
+        res.sharp_riem = sharpness(run.model, sx, sy, riemannian=True, tol=1e-3)
+        res.sharp_eucl = sharpness(run.model, sx, sy, riemannian=False, tol=1e-3)
+    else:
+        res.sharp_note = "not computed (--no-sharpness)"
+    res.curve, res.curve_note = _curve(run, ev, interpolation_grid(interp_points))
+    if with_slices:
+        gm = torch.Generator().manual_seed(seed)
+        dm = (tangent_directions(run.model, generator=gm),
+              tangent_directions(run.model, generator=gm))
+        res.slice_manifold = landscape_2d(run.model, ev, mode="manifold", span=span,
+                                          points=points, directions=dm)
+        ge = torch.Generator().manual_seed(seed)
+        de = (li_directions(run.model, generator=ge), li_directions(run.model, generator=ge))
+        res.slice_euclidean = landscape_2d(run.model, ev, mode="euclidean", span=span,
+                                           points=points, directions=de)
+    res.seconds = time.perf_counter() - t0
+    return res
+
+
+# ------------------------------------------------------------------------- markdown
+def _fmt(v) -> str:
+    if isinstance(v, float):
+        return "n/a" if math.isnan(v) else ("inf" if math.isinf(v) else f"{v:.4g}")
+    return str(v).replace("|", "\\|")  # product descriptions hold '|'; keep the columns
+
+
+def _md_table(header: Sequence[str], rows: Sequence[Sequence]) -> str:
+    out = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    out += ["| " + " | ".join(_fmt(v) for v in r) + " |" for r in rows]
+    return "\n".join(out)
+
+
+def _notes(res: Sequence[RunAnalysis], attr: str) -> list[str]:
+    out = []
+    for r in res:
+        for lay in r.layers:
+            note = getattr(lay, attr)
+            if note:
+                out.append(f"- {r.label} / `{lay.name}`: {note}")
+    return out
+
+
+def _unique_labels(runs) -> list[str]:
+    labels = [f"{r.name} ({r.geometry})" for r in runs]
+    seen: dict[str, int] = {}
+    out = []
+    for lab in labels:
+        seen[lab] = seen.get(lab, 0) + 1
+        out.append(lab if seen[lab] == 1 else f"{lab} #{seen[lab]}")
+    return out
+
+
+def normalization_report(run_dirs: Sequence[str | Path], out_dir: str | Path, *,
+                         points: int = DEFAULTS["points"], span: float = DEFAULTS["span"],
+                         subset: int = DEFAULTS["subset"],
+                         sharpness_subset: int = DEFAULTS["sharpness_subset"],
+                         interp_points: int = DEFAULTS["interp_points"],
+                         with_sharpness: bool = True, with_slices: bool = True,
+                         seed: int = DEFAULTS["seed"], threads: int | None = None,
+                         log: Callable[[str], None] = print,
+                         before_write: Callable[[], None] | None = None) -> Path:
+    """Analyse trained runs and write ``report.md``, figures and ``summary.json``.
+
+    Parameters
+    ----------
+    run_dirs : sequence of path
+        Directories of ``kernelgeo train`` runs (loaded with :func:`kernelgeo.runs.load_run`).
+    out_dir : str or Path
+        Created if needed.
+    points, span, subset, sharpness_subset, interp_points, seed
+        See :func:`analyze_run`.
+    with_sharpness, with_slices : bool
+        Compute the Hessian eigenvalues / the 2-D slices.
     threads : int, optional
-        Torch CPU threads for the whole run (restored afterwards); 1 is fastest for the
-        digits CNN on a busy CPU.
+        Torch CPU threads for the analysis (restored afterwards).
+    before_write : callable, optional
+        Called once every run has been loaded and checked, before anything is written
+        (the command line creates the output directory there).
 
     Returns
     -------
     Path
         The written ``report.md``.
+
+    Raises
+    ------
+    kernelgeo.runs.RunError, kernelgeo.checkpoint.CheckpointError
+        A directory that is not a loadable run (nothing is written).
     """
+    from ..runs import load_run
+
+    if not run_dirs:
+        raise ValueError("normalization_report needs at least one run directory")
     with torch_threads(threads):
-        return _report(out_dir, geometries, model_fn, data, epochs, lr, momentum, seed,
-                       points, span, subset, sharpness_subset, with_sharpness, log)
+        runs = [load_run(p) for p in run_dirs]  # all loaded (and checked) before writing
+        if before_write is not None:
+            before_write()
+        labels = _unique_labels(runs)
+        res = []
+        for run, lab in zip(runs, labels):
+            r = analyze_run(run, label=lab, points=points, span=span, subset=subset,
+                            sharpness_subset=sharpness_subset, interp_points=interp_points,
+                            with_sharpness=with_sharpness, with_slices=with_slices, seed=seed)
+            log(f"[{lab}] analysed in {r.seconds:.1f}s")
+            res.append(r)
+    return _write(res, Path(out_dir), dict(points=points, span=span, subset=subset,
+                                           sharpness_subset=sharpness_subset,
+                                           interp_points=interp_points), log)
 
 
-def _report(out_dir, geometries, model_fn, data, epochs, lr, momentum, seed, points, span,
-            subset, sharpness_subset, with_sharpness, log) -> Path:
-    from .. import constrain
-
-    out = Path(out_dir)
+def _write(res: list[RunAnalysis], out: Path, opts: dict, log) -> Path:
     out.mkdir(parents=True, exist_ok=True)
-    geometries = dict(geometries or DEFAULT_GEOMETRIES)
-    xtr, ytr, xte, yte = data if data is not None else digits_tensors(seed)
-    sub_x, sub_y = xtr[:subset], ytr[:subset]
-    runs: list[GeometryRun] = []
-    for label, spec in geometries.items():
-        torch.manual_seed(seed)
-        model = model_fn()
-        report = constrain(model, spec, on_invalid="skip")
-        run = GeometryRun(label, spec, model,
-                          {k: v.detach().clone() for k, v in model.state_dict().items()})
-        train_small(model, xtr, ytr, epochs=epochs, lr=lr, momentum=momentum, seed=seed,
-                    run=run)
-        ev = Evaluator(model, sub_x, sub_y)
-        run.train_loss = ev()[0]
-        run.test_acc = Evaluator(model, xte, yte)()[1]
-        run.geometry_rows = curvature_table(model, generator=torch.Generator().manual_seed(0))
-        run.constrain_report = report
-        if with_sharpness:
-            sx, sy = xtr[:sharpness_subset], ytr[:sharpness_subset]
-            run.sharp_riem = sharpness(model, sx, sy, riemannian=True)
-            run.sharp_eucl = sharpness(model, sx, sy, riemannian=False)
-        log(f"[{label}] trained in {run.seconds:.1f}s: train loss {run.train_loss:.4f}, "
-            f"test acc {run.test_acc:.3f}")
-        runs.append(run)
+    layers: list[str] = []
+    for r in res:
+        layers += [lay.name for lay in r.layers if lay.name not in layers]
 
-    # ---- landscapes: same random seed for the directions of every model
-    slices_e, slices_m, curves = {}, {}, {}
-    t_land = 0.0
-    for run in runs:
-        ev = Evaluator(run.model, sub_x, sub_y)
-        ge = torch.Generator().manual_seed(seed + 1)
-        de = (li_directions(run.model, generator=ge), li_directions(run.model, generator=ge))
-        slices_e[run.label] = landscape_2d(run.model, ev, mode="euclidean", span=span,
-                                           points=points, directions=de)
-        gm = torch.Generator().manual_seed(seed + 1)
-        dm = (tangent_directions(run.model, generator=gm),
-              tangent_directions(run.model, generator=gm))
-        slices_m[run.label] = landscape_2d(run.model, ev, mode="manifold", span=span,
-                                           points=points, directions=dm)
-        curves[run.label] = landscape_1d(run.model, ev, run.init_state,
-                                         {k: v.detach() for k, v in
-                                          run.model.state_dict().items()},
-                                         stiefel_metric="canonical")
-        t_land += slices_e[run.label].seconds + slices_m[run.label].seconds
-    log(f"landscapes: {2 * len(runs)} slices of {points}x{points} in {t_land:.1f}s")
+    def per_layer(attr):
+        return {r.label: [next((getattr(lay, attr) for lay in r.layers if lay.name == k),
+                               math.nan) for k in layers] for r in res}
+
     figs = {
-        "slices_euclidean": plot_slices(slices_e, out / "landscape_euclidean.png",
-                                        title="Euclidean slices (Li et al. filter-normalised)"),
-        "slices_manifold": plot_slices(slices_m, out / "landscape_manifold.png",
-                                       title="Manifold-aware slices (tangent directions, Exp)"),
-        "curves": plot_curves_1d(curves, out / "interpolation_1d.png",
-                                 title="initialization (t=0) to trained (t=1)"),
+        "curvature": plot_bars(per_layer("curvature"), layers, out / "curvature_plane.png",
+                               ylabel="K(grad, momentum)",
+                               title="sectional curvature of the optimizer's plane"),
+        "normal": plot_bars(per_layer("normal_grad"), layers, out / "normal_curvature.png",
+                            ylabel="|II(g,g)| / |g|^2",
+                            title="normal curvature along the gradient"),
+        "angular": plot_bars(per_layer("angular_step"), layers, out / "angular_step.png",
+                             ylabel="median over filters of |grad_i|/|w_i|",
+                             title="angular step per unit learning rate (last gradient)",
+                             log=True),
+        "distance": plot_bars(per_layer("distance"), layers, out / "distance_from_init.png",
+                              ylabel="geodesic distance", title="distance from initialization"),
     }
-    layers = list(runs[0].grad_norms)
-    figs["angular"] = plot_bars(
-        {r.label: [float(np.mean(r.angular_steps.get(k, [np.nan]))) for k in layers]
-         for r in runs}, layers, out / "angular_step.png",
-        ylabel="median |grad_i|/|w_i|", title="angular step per unit learning rate", log=True)
-    figs["travel"] = plot_bars(
-        {r.label: [r.path.get(k, np.nan) for k in layers] for r in runs}, layers,
-        out / "path_length.png", ylabel="geodesic path length", title="distance travelled")
+    curves = {r.label: r.curve for r in res if r.curve}
+    if curves:
+        figs["curves"] = plot_curves_1d(curves, out / "interpolation_1d.png",
+                                        title="initialization (t=0) to trained (t=1)")
+    if all(r.slice_manifold is not None for r in res):
+        figs["slices_manifold"] = plot_slices(
+            {r.label: r.slice_manifold for r in res}, out / "landscape_manifold.png",
+            title="Manifold-aware slices (tangent directions, Exp)")
+        figs["slices_euclidean"] = plot_slices(
+            {r.label: r.slice_euclidean for r in res}, out / "landscape_euclidean.png",
+            title="Euclidean slices (Li et al. filter-normalised)")
 
-    # ---- markdown
     md = ["# Normalization report", "",
-          f"Model `{type(runs[0].model).__name__}`, {len(xtr)} training / {len(xte)} test "
-          f"samples; {epochs} epochs of {runs[0].optimizer_name} (lr {lr}, momentum "
-          f"{momentum}), seed {seed}; every geometry starts from the same initialization "
-          "(projected onto its manifold) and sees the same batches.", "",
-          "## Summary", "",
-          _md_table(["geometry", "kernel search-space dim", "train loss", "test acc",
-                     "sharpness (Riemannian)", "sharpness (Euclidean)", "path length",
-                     "distance from init", "path / distance"],
-                    [[r.label, sum(g.dim for g in r.geometry_rows), r.train_loss, r.test_acc,
-                      r.sharp_riem, r.sharp_eucl, sum(r.path.values()),
-                      math.sqrt(sum(v * v for v in r.endpoint.values())),
-                      sum(r.path.values()) / max(1e-12, math.sqrt(
-                          sum(v * v for v in r.endpoint.values())))] for r in runs]), "",
-          "Sharpness is the top eigenvalue of the Hessian of the training loss on a fixed "
-          f"subset of {sharpness_subset} samples: Riemannian (projected Hessian plus the "
-          "Weingarten term, on the product of the kernels' tangent spaces) and Euclidean "
-          "(all coordinates).  Path length sums the geodesic lengths of every optimizer step "
-          "(Stiefel blocks: chordal step length); distance from init is geodesic (Stiefel: "
-          "embedded-metric shooting logarithm, or the canonical-metric "
-          "distance, with a warning, where shooting does not converge).", "",
-          "## Search space per layer", ""]
-    for r in runs:
-        md += [f"### {r.label} (`{r.spec}`)", "", rows_to_markdown(r.geometry_rows), ""]
-    md += ["K bounds are analytic (per component; 0 for flat factors), K sampled is the range "
-           "over random tangent planes of single components at the trained kernels, "
-           "injectivity radius and diameter are per component.", "",
-           "## Step sizes and gradients", "",
-           "Angular step per unit learning rate: median over filters of "
-           "|grad_i| / |w_i|, averaged over training steps (the angle a filter turns per step "
-           "is about lr times this).", "", f"![angular step]({figs['angular'].name})", ""]
+          "How each run's kernel geometry reshapes its search space, measured at the trained "
+          "weights (checkpoint of the last epoch).", "",
+          "## Runs", "",
+          _md_table(["run", "geometry", "model", "optimizer", "epochs", "steps",
+                     "test error", f"train loss ({opts['subset']} imgs)",
+                     "train acc", "search-space dim (kernels)", "analysis s"],
+                    [[r.label, f"`{r.geometry}`", r.model, r.optimizer, r.epochs, r.steps,
+                      r.final_test_error, r.train_loss, r.train_acc,
+                      sum(lay.dim for lay in r.layers), r.seconds] for r in res]), "",
+          "Initial weights: " + (res[0].init_note if len({r.init_note for r in res}) == 1
+                                 else "; ".join(f"{r.label}: {r.init_note}" for r in res))
+          + ".", "",
+          "## Invariance gap", "",
+          "Per kernel: dimensions of the weights (`numel`) and of the search space (`dim`); "
+          "`removed` = numel - dim is what the constraint takes away; `symmetry` is the "
+          "per-filter scale invariance the layer really has (out dimensions when its output "
+          "feeds a batch norm directly, otherwise 0; symmetries across layers are not "
+          "counted); `symmetry left` is how many of those flat directions remain in the "
+          "search space (rank of their tangent projections); `restriction` = removed - "
+          "(symmetry - symmetry left) counts removed dimensions that are not symmetries, i.e. "
+          "that restrict what the layer can represent.", "",
+          _md_table(["run", "layer", "shape", "geometry", "numel", "dim", "removed",
+                     "batch norm", "symmetry", "symmetry left", "restriction"],
+                    [[r.label, lay.name, lay.shape, lay.geometry, lay.numel, lay.dim,
+                      lay.removed, "yes" if lay.batch_norm else "no", lay.symmetry,
+                      lay.symmetry_left, lay.restriction]
+                     for r in res for lay in r.layers]), "",
+          "## Curvature along the optimizer's directions", "",
+          "`g` is the Riemannian gradient of the training loss on the first batch of "
+          "training images (model in training mode); `m` is the momentum buffer of the "
+          "checkpoint's optimizer state.  K(g, m) is the sectional curvature of the plane "
+          "they span (Gauss equation); |II(u,u)|/|u|^2 is the normal curvature along u: a "
+          "retraction or Euclidean step of length s along u departs from the geodesic by "
+          "about s^2/2 times it.  Angular step: median over filters of |g_i|/|w_i|.", "",
+          _md_table(["run", "layer", "|g|", "|m|", "cos(g, m)", "K(g, m)",
+                     "|II(g,g)|/|g|^2", "|II(m,m)|/|m|^2", "angular step / lr"],
+                    [[r.label, lay.name, lay.grad_norm, lay.momentum_norm,
+                      lay.cos_grad_momentum, lay.curvature, lay.normal_grad,
+                      lay.normal_momentum, lay.angular_step]
+                     for r in res for lay in r.layers]), ""]
+    md += _notes(res, "curvature_note") + ["",
+          f"![curvature of the optimizer's plane]({figs['curvature'].name})", "",
+          f"![normal curvature]({figs['normal'].name})", "",
+          f"![angular step]({figs['angular'].name})", "",
+          "## Distance from initialization", "",
+          "Geodesic distance from the re-created initial weights to the trained ones, per "
+          "kernel (Stiefel blocks: embedded-metric logarithm, verified or refused), and the "
+          "chordal (Euclidean) distance.  Path length: n/a (training runs do not record the "
+          "path travelled).", "",
+          _md_table(["run", "layer", "path length", "geodesic distance", "chordal distance",
+                     "chordal / geodesic"],
+                    [[r.label, lay.name, math.nan, lay.distance, lay.chordal,
+                      lay.chordal / lay.distance if lay.distance > 0 else math.nan]
+                     for r in res for lay in r.layers]), ""]
+    md += _notes(res, "distance_note") + ["",
+          f"![distance from initialization]({figs['distance'].name})", "",
+          "## Sharpness", "",
+          "Top eigenvalue of the Hessian of the training loss on the first "
+          f"{opts['sharpness_subset']} training images (model in eval mode): Riemannian "
+          "(projected Hessian plus the Weingarten term, on the product of the kernels' "
+          "tangent spaces) and Euclidean (all coordinates).", "",
+          _md_table(["run", "sharpness (Riemannian)", "sharpness (Euclidean)"],
+                    [[r.label, r.sharp_riem, r.sharp_eucl] for r in res]), ""]
+    md += [f"- {r.label}: {r.sharp_note}" for r in res if r.sharp_note] + [
+          "", "## 1-D interpolation", "",
+          "Loss and accuracy on the training subset from the initialization (t=0) to the "
+          "trained weights (t=1) along the geodesic of the kernels' manifolds (solid; a "
+          "Stiefel kernel whose distance is refused above follows a verified geodesic "
+          "through both ends that need not be the shortest) and along the straight line "
+          "(dashed, kernels leave their manifolds); t = "
+          + ", ".join(f"{t:g}" for t in interpolation_grid(opts["interp_points"])) + ".", ""]
     rows = []
-    for r in runs:
-        for k in layers:
-            gn = np.asarray(r.grad_norms.get(k, [np.nan]))
-            ang = np.asarray(r.angular_steps.get(k, [np.nan]))
-            rows.append([r.label, k, float(ang.mean()), float(gn.mean()), float(gn.std()),
-                         float(gn.max()), float(gn[-1]), r.path.get(k, math.nan),
-                         r.endpoint.get(k, math.nan)])
-    md += [_md_table(["geometry", "layer", "angular step / lr", "|grad| mean", "|grad| std",
-                      "|grad| max", "|grad| last", "path length", "distance from init"], rows),
-           "", f"![distance travelled]({figs['travel'].name})", "",
-           "## Landscapes", "",
-           f"2-D slices of the training loss (log10) over a {points}x{points} grid on "
-           f"[-{span}, {span}]^2 around each trained solution (red cross), one colour scale "
-           "for all panels.  Euclidean: straight lines along Li et al. filter-normalised "
-           "Gaussian directions (biases and batch-norm parameters fixed); manifold-aware: "
-           "tangent directions normalised per component, moved by the exponential map.", "",
-           f"![Euclidean slices]({figs['slices_euclidean'].name})", "",
-           f"![Manifold slices]({figs['slices_manifold'].name})", "",
-           _md_table(["geometry", "centre loss", "max loss (Euclidean slice)",
-                      "max loss (manifold slice)", "seconds (both)"],
-                     [[r.label, slices_e[r.label].center[0],
-                       float(np.nanmax(slices_e[r.label].loss)),
-                       float(np.nanmax(slices_m[r.label].loss)),
-                       slices_e[r.label].seconds + slices_m[r.label].seconds] for r in runs]),
-           "", "1-D: loss and accuracy from the initialization (t=0) to the trained weights "
-           "(t=1) along the geodesic of the kernels' manifolds (solid; Stiefel blocks along "
-           "the canonical-metric geodesic) and along the straight line (dashed).", "",
-           f"![1-D interpolation]({figs['curves'].name})", "",
-           "## Reading the report", "",
-           "A smaller constrained dimension and a bounded diameter mean a smaller search "
-           "space; positive curvature makes nearby geodesics converge (a step taken along a "
-           "sphere turns the filter by lr |grad_i| / r radians, so the radius sets the "
-           "effective learning rate); the ratio path / distance shows how much SGD wandered; "
-           "flatter slices and smaller sharpness mean a wider basin in the geometry the "
-           "optimizer actually moves in.", ""]
+    for r in res:
+        if r.curve:
+            c = r.curve
+            i0 = int(np.flatnonzero(c["t"] == 0.0)[0])
+            i1 = int(np.flatnonzero(c["t"] == 1.0)[0])
+            mid = int(np.argmin(np.abs(c["t"] - 0.5)))
+            rows.append([r.label, float(c["geodesic_loss"][i0]), float(c["geodesic_loss"][mid]),
+                         float(c["linear_loss"][mid]), float(c["geodesic_loss"][i1]),
+                         float(np.nanmax(c["geodesic_loss"][i0:i1 + 1])),
+                         float(np.nanmax(c["linear_loss"][i0:i1 + 1]))])
+    md += [_md_table(["run", "loss t=0", "geodesic t=0.5", "straight t=0.5", "loss t=1",
+                      "max on geodesic [0,1]", "max on straight line [0,1]"], rows), ""]
+    md += [f"- {r.label}: {r.curve_note}" for r in res if r.curve_note]
+    if "curves" in figs:
+        md += ["", f"![1-D interpolation]({figs['curves'].name})"]
+    md += ["", "## 2-D slices", ""]
+    if "slices_manifold" in figs:
+        md += [f"Training loss (log10) on a {opts['points']}x{opts['points']} grid over "
+               f"[-{opts['span']}, {opts['span']}]^2 around each trained solution (marked), "
+               "one colour scale per figure.  Manifold-aware: two random tangent directions, "
+               "normalised per component, moved by the exponential map (every point is on "
+               "the manifolds); Euclidean: Li et al. filter-normalised directions on straight "
+               "lines.", "",
+               f"![manifold-aware slices]({figs['slices_manifold'].name})", "",
+               f"![Euclidean slices]({figs['slices_euclidean'].name})", "",
+               _md_table(["run", "centre loss", "max loss (manifold slice)",
+                          "max loss (Euclidean slice)", "seconds (both)"],
+                         [[r.label, r.slice_manifold.center[0],
+                           float(np.nanmax(r.slice_manifold.loss)),
+                           float(np.nanmax(r.slice_euclidean.loss)),
+                           r.slice_manifold.seconds + r.slice_euclidean.seconds]
+                          for r in res]), ""]
+    else:
+        md += ["Not computed (--no-slices).", ""]
     path = out / "report.md"
-    path.write_text("\n".join(md))
-    summary = {r.label: {"spec": r.spec, "train_loss": r.train_loss, "test_acc": r.test_acc,
+    path.write_text("\n".join(md) + "\n")
+    summary = {r.label: {"path": r.path, "geometry": r.geometry, "train_loss": r.train_loss,
                          "sharpness_riemannian": r.sharp_riem,
-                         "sharpness_euclidean": r.sharp_eucl, "path": r.path,
-                         "endpoint": r.endpoint, "train_seconds": r.seconds} for r in runs}
-    (out / "summary.json").write_text(json.dumps(summary, indent=2, default=float))
+                         "sharpness_euclidean": r.sharp_eucl,
+                         "layers": [vars(lay) for lay in r.layers],
+                         "seconds": r.seconds} for r in res}
+    (out / "summary.json").write_text(json.dumps(summary, indent=2, default=_json_default))
     log(f"wrote {path}")
     return path
 
 
+def _json_default(v):
+    if isinstance(v, float) and not math.isfinite(v):
+        return None
+    if isinstance(v, tuple):
+        return list(v)
+    return str(v)
+
+
 # ----------------------------------------------------------------------------- command line
-def add_analyze_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
-    """Add the options of ``kernelgeo analyze`` to ``parser`` (returns it)."""
-    parser.add_argument("--out", default="analysis_out", help="output directory")
-    parser.add_argument("--geometries", nargs="+", default=None, metavar="SPEC",
-                        help="geometry specs (default: euclidean sphere centered-sphere "
-                             "oblique stiefel po:sphere+stiefel)")
-    parser.add_argument("--model", default="digits-cnn",
-                        help="'digits-cnn' (default) or a kernelgeo.models name")
-    parser.add_argument("--epochs", type=int, default=6)
-    parser.add_argument("--lr", type=float, default=0.1)
-    parser.add_argument("--momentum", type=float, default=0.9)
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--points", type=int, default=21, help="landscape grid size")
-    parser.add_argument("--span", type=float, default=1.0, help="landscape half-width")
-    parser.add_argument("--subset", type=int, default=512,
-                        help="training samples used for the landscapes")
+def _positive_int(v: str) -> int:
+    try:
+        n = int(v)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {v!r}") from None
+    if n < 1:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {v!r}")
+    return n
+
+
+def _span(v: str) -> float:
+    try:
+        f = float(v)
+    except ValueError:
+        f = math.nan
+    if not (math.isfinite(f) and f > 0):
+        raise argparse.ArgumentTypeError(f"must be a finite number > 0, got {v!r}")
+    return f
+
+
+def _grid(v: str) -> int:
+    n = _positive_int(v)
+    if n < 2:
+        raise argparse.ArgumentTypeError(f"must be an integer >= 2, got {v!r}")
+    return n
+
+
+def _seed(v: str) -> int:
+    try:
+        n = int(v)
+    except ValueError:
+        n = -1
+    if not 0 <= n <= 2**63 - 1:
+        raise argparse.ArgumentTypeError(f"must be an integer in [0, 2**63), got {v!r}")
+    return n
+
+
+def add_analyze_arguments(parser: argparse.ArgumentParser, *, runs_optional: bool = False
+                          ) -> argparse.ArgumentParser:
+    """Add the options of ``kernelgeo analyze`` to ``parser`` (returns it); with
+    ``runs_optional`` the run directories may be omitted (``args.runs == []``)."""
+    parser.add_argument("runs", nargs="*" if runs_optional else "+", metavar="RUN_DIR",
+                        help="directories of `kernelgeo train` runs (with checkpoint.pt); "
+                             "several runs are compared side by side")
+    parser.add_argument("--out", default=None,
+                        help="output directory (default: runs/analyze/<--name or start time>)")
+    parser.add_argument("--points", type=_grid, default=DEFAULTS["points"],
+                        help="2-D slices: points per axis (default: %(default)s)")
+    parser.add_argument("--span", type=_span, default=DEFAULTS["span"],
+                        help="2-D slices: half-width of the grid (default: %(default)s)")
+    parser.add_argument("--subset", type=_positive_int, default=DEFAULTS["subset"],
+                        help="training images for losses, slices and interpolation "
+                             "(default: %(default)s)")
+    parser.add_argument("--sharpness-subset", type=_positive_int,
+                        default=DEFAULTS["sharpness_subset"],
+                        help="training images for the Hessian eigenvalues "
+                             "(default: %(default)s)")
+    parser.add_argument("--interp-points", type=_grid, default=DEFAULTS["interp_points"],
+                        help="1-D interpolation: points on [-0.25, 1.25], t=0 and t=1 "
+                             "included exactly (default: %(default)s)")
+    parser.add_argument("--seed", type=_seed, default=DEFAULTS["seed"],
+                        help="seed of the random slice directions (default: %(default)s)")
     parser.add_argument("--no-sharpness", action="store_true",
-                        help="skip the Hessian eigenvalues")
-    parser.add_argument("--threads", type=int, default=None,
-                        help="torch CPU threads (1 is fastest for small models on a busy CPU)")
+                        help="skip the Hessian eigenvalues (default: computed)")
+    parser.add_argument("--no-slices", action="store_true",
+                        help="skip the 2-D slices (default: computed)")
+    parser.add_argument("--threads", type=_positive_int, default=None,
+                        help="torch CPU threads (default: torch's setting; 1 is fastest for "
+                             "digits models on a busy CPU)")
     return parser
 
 
-def _model_fn(name: str) -> Callable[[], nn.Module]:
-    if name == "digits-cnn":
-        return DigitsCNN
-    try:
-        from ..models import get_model
-    except ImportError as err:
-        raise SystemExit(f"model {name!r}: kernelgeo.models is not available ({err})") from None
-    return lambda: get_model(name, num_classes=10, in_channels=1)
+def main_analyze(args: argparse.Namespace,
+                 before_write: Callable[[], None] | None = None) -> int:
+    """Run the report from parsed :func:`add_analyze_arguments` options; returns 0.
 
-
-def main_analyze(args: argparse.Namespace) -> int:
-    """Run the report from parsed :func:`add_analyze_arguments` options; returns 0."""
-    geoms = None
-    if args.geometries:
-        inv = {v: k for k, v in DEFAULT_GEOMETRIES.items()}
-        geoms = {inv.get(g, g): g for g in args.geometries}
-    normalization_report(args.out, geometries=geoms, model_fn=_model_fn(args.model),
-                         epochs=args.epochs, lr=args.lr, momentum=args.momentum,
-                         seed=args.seed, points=args.points, span=args.span,
-                         subset=args.subset, with_sharpness=not args.no_sharpness,
-                         threads=args.threads)
+    ``args.out`` must be set (the command line fills in ``runs/analyze/<name>``);
+    ``before_write`` as for :func:`normalization_report`.
+    """
+    if args.out is None:
+        raise ValueError("main_analyze needs args.out (the output directory)")
+    normalization_report(args.runs, args.out, points=args.points, span=args.span,
+                         subset=args.subset, sharpness_subset=args.sharpness_subset,
+                         interp_points=args.interp_points, seed=args.seed,
+                         with_sharpness=not args.no_sharpness,
+                         with_slices=not args.no_slices, threads=args.threads,
+                         before_write=before_write)
     return 0
 
-
-def main(argv: Sequence[str] | None = None) -> int:
-    """Entry point of ``python -m kernelgeo.analysis.report``."""
-    p = add_analyze_arguments(argparse.ArgumentParser(
-        prog="kernelgeo analyze", description=__doc__.split("\n\n")[0]))
-    return main_analyze(p.parse_args(argv))
-
-
-if __name__ == "__main__":  # pragma: no cover
-    raise SystemExit(main())
-
-
-_ = ManifoldParameter  # re-exported type for users inspecting GeometryRun.model
