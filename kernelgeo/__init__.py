@@ -16,7 +16,7 @@ import importlib  # noqa: E402
 
 # manifolds first: it also installs the geoopt import-warning filter
 from . import manifolds, nn  # noqa: E402
-from .constrain import (  # noqa: E402
+from .constraints import (  # noqa: E402
     ConstrainReport,
     KernelProjectionWarning,
     LayerEntry,

@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .constrain import (
+from .constraints import (
     _install_load_hooks,
     _project,
     _radius_problem,

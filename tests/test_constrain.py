@@ -193,3 +193,13 @@ def test_import_is_quiet_and_keeps_dtype():
                          text=True)
     assert res.returncode == 0 and res.stdout.strip() == "ok", res.stderr
     assert res.stderr == ""
+
+
+def test_module_does_not_shadow_the_function():
+    import importlib
+
+    mod = importlib.import_module("kernelgeo.constraints")
+    assert mod.constrain is kernelgeo.constrain and callable(kernelgeo.constrain)
+    assert kernelgeo.constrain.__module__ == "kernelgeo.constraints"
+    assert not hasattr(importlib.import_module("kernelgeo"), "constraints") or \
+        kernelgeo.constraints is mod

@@ -732,7 +732,7 @@ def test_api_pages_cover_all():
                 continue
             if name not in listed:
                 missing.append(f"{modname}.{name}")
-        if modname not in text and modname != "kernelgeo.constrain":
+        if modname not in text and modname != "kernelgeo.constraints":
             shadowed = modname.rsplit(".", 1)
             parent = importlib.import_module(shadowed[0])
             if shadowed[1] not in getattr(parent, "__all__", []):

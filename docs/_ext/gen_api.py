@@ -47,7 +47,7 @@ TRAINING_MODULES = ["kernelgeo.compare", "kernelgeo.cli", "kernelgeo.checkpoint"
 #: modules documented at the end of a page (top-level modules that are not packages)
 EXTRA_MODULES = {"data": ["kernelgeo.folder"]}
 #: modules documented on the kernelgeo page instead of their own (name clash with a function)
-FOLDED_INTO_TOP = {"kernelgeo.constrain"}
+FOLDED_INTO_TOP = {"kernelgeo.constraints"}
 
 
 def public(mod) -> list[str]:
@@ -117,7 +117,7 @@ def page_for_package(pkgname: str, title: str, intro: str) -> str:
     lines = [title, "=" * len(title), "", intro, ""]
     if pkgname == "kernelgeo":
         top = [n for n in own if n != "__version__"]
-        folded = [n for n in top if getattr(pkg, n).__module__.startswith("kernelgeo.constrain")]
+        folded = [n for n in top if getattr(pkg, n).__module__.startswith("kernelgeo.constraints")]
         linked = [n for n in top if n not in folded]
         lines += [".. py:module:: kernelgeo", "", ".. autosummary::", "   :nosignatures:", ""]
         lines += [f"   {n}" for n in folded]
@@ -126,7 +126,7 @@ def page_for_package(pkgname: str, title: str, intro: str) -> str:
         lines += [f"   {'manifolds.' if n in manifolds.__all__ else ''}"
                   f"{'runs.' if n in runs.__all__ else ''}{n}" for n in linked]
         lines += ["", f"``kernelgeo.__version__`` is ``{pkg.__version__}``.  The functions "
-                  "below are defined in ``kernelgeo/constrain.py``.", ""]
+                  "below are defined in ``kernelgeo/constraints.py``.", ""]
         for n in folded:
             lines += [f".. {_kind(getattr(pkg, n))}:: kernelgeo.{n}", ""]
         return "\n".join(lines)
