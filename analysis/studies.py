@@ -11,8 +11,8 @@ metrics, summaries and figures.
 A study that needs a measurement between epochs (per-layer gradient norms) passes
 ``after_epoch``: the runner then trains one epoch per call (``stop_after=1`` and ``resume``),
 calls ``after_epoch(run, model, data, epoch)`` on the model restored from the checkpoint, and
-stores the returned values in ``epoch_extra/<name>.json`` of the study folder; epochs already measured are not
-measured again on resume.
+stores the returned values in ``epoch_extra/<name>.json`` of the study folder; epochs already
+measured are not measured again on resume.
 """
 
 from __future__ import annotations

@@ -25,7 +25,8 @@ from .resnet_cifar import BasicBlock, CifarResNet, ZeroPadShortcut, resnet_cifar
 from .wide_resnet import WideResNet, wide_resnet
 
 __all__ = ["get_model", "available_models", "check_model_name", "resnet_cifar", "wide_resnet",
-           "resnet_digits", "resnet_digits_nobn", "plain_cnn", "PlainCNN", "CifarResNet", "WideResNet", "BasicBlock", "ZeroPadShortcut"]
+           "resnet_digits", "resnet_digits_nobn", "plain_cnn", "PlainCNN",
+           "CifarResNet", "WideResNet", "BasicBlock", "ZeroPadShortcut"]
 
 _RESNET = re.compile(r"^resnet(\d+)(?:-([ab]))?$")
 _WRN = re.compile(r"^wrn-(\d+)-(\d+)$")
