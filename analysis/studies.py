@@ -164,7 +164,8 @@ def _train_one(run: Run, rd: Path, data, resume: bool,
 
 
 def run_grid(study: str, runs: Sequence[Run], folder: str | Path, *, resume: bool = False,
-             after_epoch: Callable | None = None, log=print) -> list[dict]:
+             after_epoch: Callable | None = None, log=print,
+             write: bool = True) -> list[dict]:
     """Train every run of ``runs`` into ``folder/runs/<name>`` and write ``folder/runs.csv``.
 
     Parameters
@@ -182,6 +183,9 @@ def run_grid(study: str, runs: Sequence[Run], folder: str | Path, *, resume: boo
         ``after_epoch(run, model, data, epoch) -> JSON-able``, called on the initial model
         (epoch 0) and after every epoch.
     log : callable
+    write : bool
+        Write ``runs.csv`` (``False`` in a worker process running part of the grid: the
+        parent collects).
 
     Returns
     -------
@@ -215,7 +219,8 @@ def run_grid(study: str, runs: Sequence[Run], folder: str | Path, *, resume: boo
             ck.unlink()  # results only: a finished run is never continued
         log(f"[{i}/{len(runs)}] {run.name}: {status} in {time.perf_counter() - t0:.1f}s")
     rows = collect(study, runs, folder)
-    write_csv(rows, folder / "runs.csv")
+    if write:
+        write_csv(rows, folder / "runs.csv")
     return rows
 
 
