@@ -340,8 +340,12 @@ def machine_line() -> str:
 
 
 def command_line() -> str:
-    """The command that started this process, for report.md."""
-    return shlex.join(["python", *sys.argv])
+    """The command that reproduces the study, for report.md: this process's command line,
+    with ``--report-only`` (which trains nothing) replaced by ``--resume``."""
+    args = [a for a in sys.argv[1:] if a != "--report-only"]
+    if "--report-only" in sys.argv[1:] and "--resume" not in args:
+        args.append("--resume")
+    return shlex.join(["python", sys.argv[0], *args])
 
 
 def base_parser(description: str, default_out: str):

@@ -210,9 +210,10 @@ def report(args, runs, rows, folder: Path) -> str:
                 tl = mean_std([r["final_train_loss"] for r in ok])
                 te = mean_std([r["final_train_error"] * 100 for r in ok])
                 ts = mean_std([r["final_test_error"] * 100 for r in ok])
-                lines.append(f"| {d} | {g} | {lr:g} | {tl[0]:.3f} ± {tl[1]:.3f} ({tl[2]}) | "
-                             f"{te[0]:.2f} ± {te[1]:.2f} | {ts[0]:.2f} ± {ts[1]:.2f} | "
-                             f"{len(sel) - len(ok)}/{len(sel)} |")
+                cells = (f"{tl[0]:.3f} ± {tl[1]:.3f} ({tl[2]}) | {te[0]:.2f} ± {te[1]:.2f} | "
+                         f"{ts[0]:.2f} ± {ts[1]:.2f}") if ok else "— | — | —"
+                lines.append(f"| {d} | {g} | {lr:g} | {cells} | {len(sel) - len(ok)}/{len(sel)}"
+                             " |")
     if grows:
         lines += ["", "## Gradient norm of the first and last conv layer "
                   f"(lr {args.lrs[0]:g}, mean over seeds)", "",
@@ -228,7 +229,9 @@ def report(args, runs, rows, folder: Path) -> str:
                         continue
                     first = np.mean([r["rgrad_norm"] for r in sel if r["layer"] == 0])
                     lastl = np.mean([r["rgrad_norm"] for r in sel if r["layer"] == d - 1])
-                    ratio = first / lastl if lastl > 0 else math.inf
+                    with np.errstate(invalid="ignore"):  # inf / inf for an overflowed net
+                        ratio = first / lastl if lastl > 0 else (
+                            math.nan if first == 0 else math.inf)
                     lines.append(f"| {d} | {g} | {ep} | {first:.3g} | {lastl:.3g} | "
                                  f"{ratio:.3g} |")
         lines += ["", "![gradient norm against layer](grad_norm_vs_layer.png)", "",
