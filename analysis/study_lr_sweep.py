@@ -55,7 +55,8 @@ def build_runs(args) -> list[Run]:
         for lr in args.lrs:
             for s in args.seeds:
                 cfg = TrainConfig(dataset=args.dataset, train_subset=args.train_subset,
-                                  test_subset=args.test_subset, model=args.model, geometry=g,
+                                  test_subset=args.test_subset, image_size=args.image_size,
+                                  model=args.model, geometry=g,
                                   epochs=args.epochs, lr=lr, seed=s, threads=args.threads,
                                   batch_size=args.batch_size, schedule="cosine")
                 runs.append(Run(run_name(g, f"lr{lr:g}", f"s{s}"), cfg))
@@ -120,6 +121,8 @@ def report(args, rows, folder: Path, wall: float | None) -> str:
     table = error_table(rows, chance)
     label = args.dataset + (f" (train subset {args.train_subset}, test subset "
                             f"{args.test_subset})" if args.train_subset else " (full split)")
+    if args.image_size:
+        label += f", {args.image_size}x{args.image_size}"
     basins = []
     for g, by_lr in table.items():
         lrs = sorted(by_lr)
@@ -199,6 +202,7 @@ def main(argv=None) -> int:
     p.add_argument("--dataset", default="digits")
     p.add_argument("--train-subset", type=int, default=None)
     p.add_argument("--test-subset", type=int, default=None)
+    p.add_argument("--image-size", type=int, default=None, help="resize the images")
     p.add_argument("--model", default=None, help="default: resnet-digits")
     p.add_argument("--geometries", nargs="+", default=GEOMETRIES)
     p.add_argument("--lrs", nargs="+", type=float, default=LRS)
