@@ -11,7 +11,7 @@ metrics, summaries and figures.
 A study that needs a measurement between epochs (per-layer gradient norms) passes
 ``after_epoch``: the runner then trains one epoch per call (``stop_after=1`` and ``resume``),
 calls ``after_epoch(run, model, data, epoch)`` on the model restored from the checkpoint, and
-stores the returned values in ``epoch_extra/<name>.json`` of the study folder; epochs already
+stores the returned values in ``runs/<name>.epoch_extra.json`` (beside the run); epochs already
 measured are not measured again on resume.
 """
 
@@ -128,7 +128,7 @@ def _finished(rd: Path) -> str | None:
 def extra_file(rd: Path) -> Path:
     """Where the ``after_epoch`` values of run directory ``rd`` are kept (beside it: the
     training loop refuses to start in a directory holding other files)."""
-    return rd.parent.parent / "epoch_extra" / f"{rd.name}.json"
+    return rd.parent / f"{rd.name}.epoch_extra.json"
 
 
 def _train_one(run: Run, rd: Path, data, resume: bool,
