@@ -6,6 +6,8 @@ and any torchvision classifier.
 ``resnet20-b`` ...                the same with option-B (1x1 conv) shortcuts
 ``wrn-<d>-<k>``                   wide ResNet WRN-d-k (e.g. ``wrn-16-4``, ``wrn-28-10``)
 ``resnet-digits``                 8-layer ResNet for 8x8 images (digits): 16/32 channels
+``resnet-digits-nobn``            the same without batch norm
+``plain-<D>[-<W>]``               plain CNN: D 3x3 conv + ReLU, W channels, no batch norm
 ``torchvision:<name>``            ``torchvision.models.get_model(name)``, random init
 ================================  ===========================================================
 
@@ -18,16 +20,19 @@ import re
 
 from torch import nn
 
+from .plain import PlainCNN, check_plain_name, plain_cnn, resnet_digits_nobn
 from .resnet_cifar import BasicBlock, CifarResNet, ZeroPadShortcut, resnet_cifar
 from .wide_resnet import WideResNet, wide_resnet
 
 __all__ = ["get_model", "available_models", "check_model_name", "resnet_cifar", "wide_resnet",
-           "resnet_digits", "CifarResNet", "WideResNet", "BasicBlock", "ZeroPadShortcut"]
+           "resnet_digits", "resnet_digits_nobn", "plain_cnn", "PlainCNN",
+           "CifarResNet", "WideResNet", "BasicBlock", "ZeroPadShortcut"]
 
 _RESNET = re.compile(r"^resnet(\d+)(?:-([ab]))?$")
 _WRN = re.compile(r"^wrn-(\d+)-(\d+)$")
 _EXAMPLES = ["resnet20", "resnet32", "resnet44", "resnet56", "resnet110", "resnet20-b",
-             "wrn-16-4", "wrn-28-10", "resnet-digits", "torchvision:<name>"]
+             "wrn-16-4", "wrn-28-10", "resnet-digits", "resnet-digits-nobn", "plain-<D>[-<W>]",
+             "torchvision:<name>"]
 
 
 def available_models() -> list[str]:
@@ -66,8 +71,11 @@ def check_model_name(name: str) -> str:
             raise ValueError(f"unknown torchvision model {tv!r}; torchvision classification "
                              f"models: {', '.join(names)}")
         return f"torchvision:{tv}"
-    if low == "resnet-digits":
+    if low in ("resnet-digits", "resnet-digits-nobn"):
         return low
+    plain = check_plain_name(low)
+    if plain is not None:
+        return plain
     m = _RESNET.match(low)
     if m:
         d = int(m.group(1))
@@ -133,6 +141,10 @@ def get_model(name: str, num_classes: int = 10, in_channels: int = 3, **kwargs) 
         return model
     if key == "resnet-digits":
         return resnet_digits(num_classes, in_channels)
+    if key == "resnet-digits-nobn":
+        return resnet_digits_nobn(num_classes, in_channels)
+    if key.startswith("plain-"):
+        return plain_cnn(key, num_classes, in_channels)
     m = _RESNET.match(key)
     if m:
         return resnet_cifar(int(m.group(1)), num_classes, in_channels,

@@ -1,0 +1,364 @@
+"""Shared runner of the studies in ``analysis/study_*.py``: a grid of training runs, one
+directory each, resumable, collected into one ``runs.csv``.
+
+Every run is one call of :func:`kernelgeo.train.train` (the same training loop as
+``kernelgeo train``) writing to ``<study folder>/runs/<name>/``.  With ``resume=True`` a run
+whose ``summary.json`` says it completed is skipped, an interrupted one continues from its
+checkpoint (bit-identical to an uninterrupted run), and a run that diverged (``diverged.json``)
+is not retried.  Checkpoints are deleted once a run has finished, so a study folder holds only
+metrics, summaries and figures.
+
+A study that needs a measurement between epochs (per-layer gradient norms) passes
+``after_epoch``: the runner then trains one epoch per call (``stop_after=1`` and ``resume``),
+calls ``after_epoch(run, model, data, epoch)`` on the model restored from the checkpoint, and
+stores the returned values in ``runs/<name>.epoch_extra.json`` (beside the run); epochs already
+measured are not measured again on resume.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+import os
+import platform
+import shlex
+import sys
+import time
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+REPO = Path(__file__).resolve().parent.parent
+if str(REPO) not in sys.path:  # runnable from a checkout without installing
+    sys.path.insert(0, str(REPO))
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+
+from kernelgeo import constrain  # noqa: E402
+from kernelgeo.data import load_dataset  # noqa: E402
+from kernelgeo.manifolds import parse_geometry  # noqa: E402
+from kernelgeo.models import get_model  # noqa: E402
+from kernelgeo.train import TrainConfig, train  # noqa: E402
+from kernelgeo.training.loaders import default_model  # noqa: E402
+
+__all__ = ["Run", "run_grid", "collect", "write_csv", "CSV_COLUMNS", "load_rows",
+           "mean_std", "t_interval", "machine_line", "restore_model", "run_name", "extra_file"]
+
+#: columns every study's runs.csv starts with (study-specific tags follow)
+CSV_COLUMNS = ["study", "dataset", "model", "geometry", "step_rule", "seed", "lr", "epochs",
+               "final_test_error", "best_test_error", "final_train_loss", "time_per_epoch",
+               "max_constraint_error", "final_train_error", "epochs_done", "status",
+               "schedule", "optimizer", "train_images", "test_images", "run"]
+
+
+@dataclass
+class Run:
+    """One training run of a study: its directory name, configuration and extra CSV columns."""
+
+    name: str
+    cfg: TrainConfig
+    tags: dict[str, Any] = field(default_factory=dict)
+
+
+def run_name(*parts: Any) -> str:
+    """A directory name from parts (geometry slugs, ``lr0.1``, ``s0``...)."""
+    out = []
+    for p in parts:
+        s = str(p)
+        if ":" in s or "," in s:
+            s = parse_geometry(s).slug()
+        out.append(s.replace("/", "-").replace(" ", ""))
+    return "_".join(out)
+
+
+def _data_key(cfg: TrainConfig) -> tuple:
+    return (cfg.dataset, cfg.data_dir, cfg.split_seed, cfg.train_subset, cfg.test_subset,
+            cfg.image_size)
+
+
+class _DataCache:
+    """Decode each data set once for the whole grid (Fashion-MNIST takes seconds)."""
+
+    def __init__(self):
+        self._cache: dict[tuple, Any] = {}
+
+    def get(self, cfg: TrainConfig):
+        key = _data_key(cfg)
+        if key not in self._cache:
+            self._cache[key] = load_dataset(
+                cfg.dataset, cfg.data_dir, split_seed=cfg.split_seed,
+                train_subset=cfg.train_subset, test_subset=cfg.test_subset,
+                image_size=cfg.image_size)
+        return self._cache[key]
+
+
+def restore_model(cfg: TrainConfig, data, state: dict) -> torch.nn.Module:
+    """The model of a checkpoint ``state`` (built and constrained as the training loop does)."""
+    model = get_model(cfg.model or default_model(data), data.num_classes, data.in_channels)
+    constrain(model, parse_geometry(cfg.geometry).constrain_spec(), on_invalid="skip",
+              include_linear=cfg.include_linear)
+    model.load_state_dict(state["model"])
+    return model
+
+
+def _read_json(path: Path) -> Any:
+    with open(path) as fh:
+        return json.load(fh)
+
+
+def _write_json(path: Path, obj: Any) -> None:
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    with open(tmp, "w") as fh:
+        json.dump(obj, fh, indent=1, default=float)
+    os.replace(tmp, path)
+
+
+def _finished(rd: Path) -> str | None:
+    """``"completed"``/``"diverged"`` for a finished run directory, else ``None``."""
+    if (rd / "diverged.json").exists():
+        return "diverged"
+    if (rd / "summary.json").exists() and _read_json(rd / "summary.json").get("completed"):
+        return "completed"
+    return None
+
+
+def extra_file(rd: Path) -> Path:
+    """Where the ``after_epoch`` values of run directory ``rd`` are kept (beside it: the
+    training loop refuses to start in a directory holding other files)."""
+    return rd.parent / f"{rd.name}.epoch_extra.json"
+
+
+def _train_one(run: Run, rd: Path, data, resume: bool,
+               after_epoch: Callable | None, log) -> None:
+    base = replace(run.cfg, out=str(rd), resume=resume or rd.exists(), checkpoint=True,
+                   quiet=True, progress=False)
+    if after_epoch is None:
+        train(base, data=data)
+        return
+    extra_path = extra_file(rd)
+    extra = _read_json(extra_path) if extra_path.exists() else {}
+    if "0" not in extra:
+        # the initial model: built exactly as train() builds it (seed, then model, then geometry)
+        from kernelgeo.training.environment import seed_all
+
+        seed_all(run.cfg.seed)
+        model = get_model(run.cfg.model or default_model(data), data.num_classes,
+                          data.in_channels)
+        constrain(model, parse_geometry(run.cfg.geometry).constrain_spec(), on_invalid="skip",
+                  include_linear=run.cfg.include_linear)
+        extra["0"] = after_epoch(run, model, data, 0)
+        extra_path.parent.mkdir(parents=True, exist_ok=True)
+        _write_json(extra_path, extra)
+    while True:
+        summary = train(replace(base, resume=True, stop_after=1), data=data)
+        done = summary["epochs_done"]
+        state = torch.load(rd / "checkpoint.pt", map_location="cpu", weights_only=False)
+        model = restore_model(run.cfg, data, state)
+        extra[str(done)] = after_epoch(run, model, data, done)
+        _write_json(extra_path, extra)
+        if summary["completed"]:
+            return
+
+
+def run_grid(study: str, runs: Sequence[Run], folder: str | Path, *, resume: bool = False,
+             after_epoch: Callable | None = None, log=print,
+             write: bool = True) -> list[dict]:
+    """Train every run of ``runs`` into ``folder/runs/<name>`` and write ``folder/runs.csv``.
+
+    Parameters
+    ----------
+    study : str
+        Name written into the ``study`` column.
+    runs : sequence of Run
+        Names must be unique.
+    folder : path
+        The study folder.
+    resume : bool
+        Skip finished runs, continue interrupted ones.  Without it, an existing run directory
+        is an error (nothing is overwritten).
+    after_epoch : callable, optional
+        ``after_epoch(run, model, data, epoch) -> JSON-able``, called on the initial model
+        (epoch 0) and after every epoch.
+    log : callable
+    write : bool
+        Write ``runs.csv`` (``False`` in a worker process running part of the grid: the
+        parent collects).
+
+    Returns
+    -------
+    list of dict
+        The rows of ``runs.csv`` (with the summaries under ``"_summary"``).
+    """
+    folder = Path(folder)
+    names = [r.name for r in runs]
+    if len(set(names)) != len(names):
+        raise ValueError("run names must be unique")
+    (folder / "runs").mkdir(parents=True, exist_ok=True)
+    cache = _DataCache()
+    for i, run in enumerate(runs, 1):
+        rd = folder / "runs" / run.name
+        state = _finished(rd)
+        if state is not None and resume:
+            log(f"[{i}/{len(runs)}] {run.name}: {state}, skipped")
+            continue
+        if rd.exists() and not resume:
+            raise FileExistsError(f"{rd} exists: pass --resume to continue the study, or "
+                                  "use another --out")
+        t0 = time.perf_counter()
+        try:
+            _train_one(run, rd, cache.get(run.cfg), resume, after_epoch, log)
+            status = "completed"
+        except FloatingPointError as err:
+            _write_json(rd / "diverged.json", {"error": str(err)})
+            status = "diverged"
+        ck = rd / "checkpoint.pt"
+        if ck.exists():
+            ck.unlink()  # results only: a finished run is never continued
+        log(f"[{i}/{len(runs)}] {run.name}: {status} in {time.perf_counter() - t0:.1f}s")
+    rows = collect(study, runs, folder)
+    if write:
+        write_csv(rows, folder / "runs.csv")
+    return rows
+
+
+def _history(rd: Path) -> list[dict]:
+    p = rd / "metrics.jsonl"
+    if not p.exists():
+        return []
+    with open(p) as fh:
+        return [json.loads(line) for line in fh if line.strip()]
+
+
+def collect(study: str, runs: Iterable[Run], folder: str | Path) -> list[dict]:
+    """One row per finished run of ``runs`` found under ``folder/runs``."""
+    folder = Path(folder)
+    rows = []
+    for run in runs:
+        rd = folder / "runs" / run.name
+        cfg = run.cfg
+        base = {"study": study, "dataset": cfg.dataset, "model": cfg.model,
+                "geometry": str(cfg.geometry), "step_rule": cfg.step_rule, "seed": cfg.seed,
+                "lr": cfg.lr, "epochs": cfg.epochs, "schedule": cfg.schedule,
+                "optimizer": cfg.optimizer, "run": run.name}
+        state = _finished(rd)
+        if state == "completed":
+            s = _read_json(rd / "summary.json")
+            hist = s.get("history", [])
+            base.update({
+                "model": s["model"], "step_rule": s["step_rule"],
+                "final_test_error": s["final_test_error"],
+                "best_test_error": s["best_test_error"],
+                "final_train_loss": s["final_train_loss"],
+                "final_train_error": hist[-1]["train_error"] if hist else None,
+                "time_per_epoch": s["time_per_epoch"],
+                "max_constraint_error": s["max_constraint_error"],
+                "epochs_done": s["epochs_done"], "status": "completed",
+                "train_images": s["train_images"], "test_images": s["test_images"],
+                "_summary": s})
+        elif state == "diverged":
+            hist = _history(rd)
+            base.update({"status": "diverged", "epochs_done": len(hist),
+                         "final_test_error": math.nan, "best_test_error": math.nan,
+                         "final_train_loss": math.nan, "final_train_error": math.nan,
+                         "_summary": {"geometry": str(cfg.geometry), "history": hist}})
+        else:
+            continue
+        base.update(run.tags)
+        rows.append(base)
+    return rows
+
+
+def write_csv(rows: Sequence[dict], path: str | Path) -> Path:
+    """Write ``rows`` (private ``_`` keys dropped) with :data:`CSV_COLUMNS` first."""
+    path = Path(path)
+    extra = [k for r in rows for k in r if k not in CSV_COLUMNS and not k.startswith("_")]
+    cols = CSV_COLUMNS + list(dict.fromkeys(extra))
+    tmp = path.with_suffix(".csv.tmp")
+    with open(tmp, "w", newline="") as fh:
+        w = csv.DictWriter(fh, cols, extrasaction="ignore")
+        w.writeheader()
+        for r in rows:
+            w.writerow({k: ("" if r.get(k) is None else r.get(k)) for k in cols})
+    os.replace(tmp, path)
+    return path
+
+
+def load_rows(path: str | Path) -> list[dict]:
+    """Rows of a ``runs.csv`` with numbers parsed."""
+    out = []
+    with open(path, newline="") as fh:
+        for r in csv.DictReader(fh):
+            row = {}
+            for k, v in r.items():
+                try:
+                    row[k] = int(v) if v.lstrip("-").isdigit() else float(v)
+                except ValueError:
+                    row[k] = v
+            out.append(row)
+    return out
+
+
+def mean_std(values: Sequence[float]) -> tuple[float, float, int]:
+    """Mean, sample standard deviation (``ddof=1``; 0 for one value) and count."""
+    a = np.asarray([v for v in values if v is not None and math.isfinite(v)], dtype=float)
+    if a.size == 0:
+        return math.nan, math.nan, 0
+    return float(a.mean()), float(a.std(ddof=1)) if a.size > 1 else 0.0, int(a.size)
+
+
+def t_interval(diffs: Sequence[float], level: float = 0.95) -> tuple[float, float, float]:
+    """Mean and two-sided Student-t confidence interval of paired differences.
+
+    Returns ``(mean, lo, hi)``; ``lo = hi = nan`` with fewer than two differences.
+    """
+    from scipy import stats
+
+    a = np.asarray(diffs, dtype=float)
+    m = float(a.mean()) if a.size else math.nan
+    if a.size < 2:
+        return m, math.nan, math.nan
+    half = float(stats.t.ppf(0.5 + level / 2, a.size - 1) * a.std(ddof=1) / math.sqrt(a.size))
+    return m, m - half, m + half
+
+
+def machine_line() -> str:
+    """``host: CPU (n cores), torch x, python y``."""
+    cpu = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as fh:
+            for line in fh:
+                if line.startswith("model name"):
+                    cpu = line.split(":", 1)[1].strip()
+                    break
+    except OSError:
+        pass
+    return (f"{cpu}, {os.cpu_count()} logical cores (shared), torch {torch.__version__}, "
+            f"python {platform.python_version()}")
+
+
+def command_line() -> str:
+    """The command that reproduces the study, for report.md: this process's command line,
+    with ``--report-only`` (which trains nothing) replaced by ``--resume``."""
+    args = [a for a in sys.argv[1:] if a != "--report-only"]
+    if "--report-only" in sys.argv[1:] and "--resume" not in args:
+        args.append("--resume")
+    return shlex.join(["python", sys.argv[0], *args])
+
+
+def base_parser(description: str, default_out: str):
+    """Arguments every study takes: ``--out``, ``--resume``, ``--seeds``, ``--epochs``,
+    ``--threads``, ``--report-only``."""
+    import argparse
+
+    p = argparse.ArgumentParser(description=description,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--out", default=default_out, help="study folder (default %(default)s)")
+    p.add_argument("--resume", action="store_true",
+                   help="skip finished runs, continue interrupted ones")
+    p.add_argument("--report-only", action="store_true",
+                   help="train nothing: rebuild runs.csv, figures and report.md from the runs")
+    p.add_argument("--threads", type=int, default=1, help="torch threads per run")
+    return p
