@@ -40,7 +40,7 @@ def test_module_entry_point_help():
     (["train", "--geometry", "spheer"], "valid names: euclidean, sphere"),
     (["train", "--geometry", "layer1.*=sphere,oops"], "rule #2"),
     (["train", "--geometry", "layer1.*=hyperbolic"], "valid names"),
-    (["train", "--optimizer", "adam"], "invalid choice"),
+    (["train", "--optimizer", "adagrad"], "invalid choice"),
     (["train", "--epochs", "0"], "positive integer"),
     (["compare", "--geometries", "sphere", "nope"], "valid names"),
 ])

@@ -63,7 +63,7 @@ def _adam(groups, cfg):
     return RiemannianAdam(groups, lr=cfg.lr)
 
 
-_FACTORIES = {"rsgd": _rsgd, "geoopt": _geoopt, "sgd": _sgd, "adam": _adam}
+_FACTORIES = {"rsgd": _rsgd, "adam": _adam, "geoopt": _geoopt, "sgd": _sgd}
 
 
 def build_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
