@@ -373,3 +373,14 @@ def test_unwritable_cache_directory_falls_back_to_a_temporary_one(tmp_path):
                          timeout=300)
     assert out.stdout.startswith("True " + str(tmp_path / "t" / "kernelgeo-")), \
         out.stdout + out.stderr
+
+
+def test_the_one_time_compile_is_announced(tmp_path, capsys):
+    cc = native._compiler()
+    if cc is None:
+        pytest.skip("no C compiler")
+    out = tmp_path / "kg.so"
+    native._build(cc, ["-O0", "-std=c11", "-fPIC", "-shared"], out)
+    err = capsys.readouterr().err
+    assert out.exists() and "compiling the fused CPU optimizer kernels" in err
+    assert "once" in err and str(out) in err and "compiled in" in err

@@ -28,8 +28,10 @@ import os
 import platform
 import shutil
 import subprocess
+import sys
 import tempfile
 import threading
+import time
 import warnings
 from pathlib import Path
 
@@ -106,10 +108,17 @@ def _build(cc: str, flags: list[str], out: Path) -> None:
     out.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(suffix=".so", dir=out.parent)
     os.close(fd)
+    # the build takes seconds (up to ~20 with -O3 on a slow machine): say why the first step
+    # pauses, and that it does not happen again
+    print(f"kernelgeo: compiling the fused CPU optimizer kernels with {cc}, once (cached as "
+          f"{out})...", file=sys.stderr, flush=True)
+    t0 = time.perf_counter()
     try:
         subprocess.run([cc, *flags, str(_SRC), "-o", tmp, "-lm"], check=True,
                        capture_output=True, text=True, timeout=120)
         os.replace(tmp, out)  # atomic: a concurrent build or reader never sees half a file
+        print(f"kernelgeo: compiled in {time.perf_counter() - t0:.1f} s", file=sys.stderr,
+              flush=True)
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
