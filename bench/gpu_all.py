@@ -2,9 +2,11 @@
 
     python bench/gpu_all.py [--out DIR]
 
-Runs, on ``cuda``: one optimizer step on ResNet-50's parameters (sphere, oblique, Stiefel;
-torch SGD foreach and geoopt RiemannianSGD as anchors) and a ResNet-20 training step at
-batch 128.  Writes ``gpu_results.md`` into ``--out`` (default ``$OUT`` or ``bench/``).
+Runs, on ``cuda``: one optimizer step on ResNet-50's and ResNet-20's parameters (sphere,
+oblique, Stiefel; ConvergentRSGD with its default backend, the Triton kernels where they
+apply, and with torch ops only; torch SGD foreach/fused and geoopt RiemannianSGD as anchors)
+and a ResNet-20 training step at batch 128.  Writes ``gpu_results.md`` into ``--out``
+(default ``$OUT`` or ``bench/``).
 Exits with status 0 and a message when no CUDA device is present.
 """
 

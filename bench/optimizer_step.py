@@ -2,9 +2,10 @@
 
 Anchors measured in the same run: ``torch.optim.SGD(foreach=True)`` and ``(fused=True)`` on
 the same parameters (plain tensors) and ``geoopt.optim.RiemannianSGD`` on the same manifold
-parameters.  ConvergentRSGD is timed twice: as used by default (fused CPU kernels of
-:mod:`kernelgeo.optim.native` where they apply) and restricted to torch ops
-(``native=False``, the path a GPU takes).  The SGD anchors and both ConvergentRSGD variants
+parameters.  ConvergentRSGD is timed twice: with its default backend (``backend="auto"``: the
+fused CPU kernels of :mod:`kernelgeo.optim.native` on the CPU, the Triton kernels of
+:mod:`kernelgeo.optim.triton_backend` on CUDA, where they apply) and restricted to torch ops
+(``backend="torch"``).  The SGD anchors and both ConvergentRSGD variants
 run in alternating rounds, so that they see the same machine load.
 
     python bench/optimizer_step.py [--models resnet20 resnet50] [--manifolds sphere ...]
@@ -47,12 +48,12 @@ def measure(model_name, manifolds, device, momentum, repeat, number, geoopt_max_
     rows = []
     for spec in manifolds:
         fns = {k: o.step for k, o in anchors.items()}
-        for native in (None, False):  # default (fused CPU kernels where they apply), torch ops
+        for backend in ("auto", "torch"):  # default (fused C / Triton kernels), torch ops
             m = constrain_model(copy.deepcopy(base), spec)
             fill_grads(m)
-            fns[f"ours-{native}"] = ConvergentRSGD(m.parameters(), lr=1e-3, momentum=momentum,
-                                                   step_rule=rule, stabilize=None,
-                                                   native=native).step
+            fns[f"ours-{backend}"] = ConvergentRSGD(m.parameters(), lr=1e-3, momentum=momentum,
+                                                    step_rule=rule, stabilize=None,
+                                                    backend=backend).step
         # anchors and both paths of ours in alternating rounds: the same load for all
         t = timeit_interleaved(fns, repeat=repeat, number=number, sync=sync)
         g = constrain_model(copy.deepcopy(base), spec)
@@ -62,8 +63,8 @@ def measure(model_name, manifolds, device, momentum, repeat, number, geoopt_max_
         t1 = timeit(ref.step, repeat=1, number=1, sync=sync)
         t_geo = t1 if t1 > geoopt_max_s else timeit(ref.step, repeat=max(3, repeat // 2),
                                                     number=1, sync=sync)
-        t_sgd, t_fused, t_ours, t_torch = (t["foreach"], t["fused"], t["ours-None"],
-                                           t["ours-False"])
+        t_sgd, t_fused, t_ours, t_torch = (t["foreach"], t["fused"], t["ours-auto"],
+                                           t["ours-torch"])
         rows.append([model_name, spec, f"{t_sgd * 1e3:.2f}", f"{t_fused * 1e3:.2f}",
                      f"{t_ours * 1e3:.2f}", f"{t_torch * 1e3:.2f}", f"{t_geo * 1e3:.2f}",
                      f"{t_ours / t_sgd:.2f}x", f"{t_ours / t_fused:.2f}x",
@@ -73,7 +74,8 @@ def measure(model_name, manifolds, device, momentum, repeat, number, geoopt_max_
 
 
 HEADER = ["params of", "manifold", "torch SGD foreach (ms)", "torch SGD fused (ms)",
-          "ConvergentRSGD (ms)", "ConvergentRSGD, torch ops only (ms)", "geoopt RSGD (ms)",
+          "ConvergentRSGD, default backend (ms)", "ConvergentRSGD, torch ops only (ms)",
+          "geoopt RSGD (ms)",
           "ours / SGD foreach", "ours / SGD fused", "geoopt / SGD foreach",
           "speed-up vs geoopt"]
 
