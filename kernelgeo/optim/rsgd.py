@@ -785,51 +785,63 @@ class ConvergentRSGD(RiemannianSGD):
                 self._plan = None
                 self._get_plan()
             return done
-        prepared = []
-        for group, gp in zip(self.param_groups, plans, strict=True):
-            items = []
-            for ch in gp.chunks:
-                x, g, inplace = bt.gather(ch, _grad)
-                h = self._hyper(group, ch)
-                h.short = float(group["lr"]) * self._dbound <= 3.0 * ch.layout.r
-                if ch.kind == "sphere":
-                    g, c = bt.sphere_prepare(ch, x, g)
-                elif ch.kind == "stiefel":
-                    g, c = bt.stiefel_prepare(ch, x, g)
-                else:
-                    g, c = bt.generic_prepare(ch, x, g, h)
-                items.append((ch, x, g, c, inplace, h))
-            prepared.append(items)
+        prepared = [[self._prepare_chunk(group, ch) for ch in gp.chunks]
+                    for group, gp in zip(self.param_groups, plans, strict=True)]
         native_stats = self._native_run(plans)
         del keep
         self.last_stats = []
         for group, gp, items in zip(self.param_groups, plans, prepared, strict=True):
             self._euclid_foreach(group, [group["params"][i] for i in gp.euclid])
             stats = list(native_stats.get(id(group), ())) if self.log_stats else None
-            for ch, x, g, c, inplace, h in items:
-                h.lr = self._chunk_lr(group, ch, c.dim() if ch.kind == "sphere" else 1)
-                if ch.kind == "sphere":
-                    xn = bt.sphere_apply(ch, x, g, c, h, stats)
-                elif ch.kind == "stiefel":
-                    xn = bt.stiefel_apply(ch, x, g, c, h, stats)
-                else:
-                    xn = bt.generic_apply(ch, x, c, h, stats)
-                if not inplace:
-                    bt.scatter(ch, xn)
-                if ch.fresh_members:
-                    bt.commit_fresh(ch, self.state, _nblocks)
+            for item in items:
+                self._apply_chunk(group, item, stats)
             for i in gp.foreign:
-                p = group["params"][i]
-                commits: list = []
-                self._foreign(group, p, p.manifold, self._name(group, i), commits)
-                for op, target, key, new, *_ in commits:
-                    if op == "copy":
-                        target.copy_(new)
-                    else:
-                        target[key] = new
+                self._step_foreign(group, i)
             if stats is not None:
                 self._publish_stats({id(group): stats}, append=True)
         return True
+
+    def _prepare_chunk(self, group, ch) -> tuple:
+        """Gather one chunk of same-shape kernels and its gradients, and compute the
+        directions the update needs: ``(chunk, x, g, c, inplace, hyper)`` for
+        :meth:`_apply_chunk`."""
+        x, g, inplace = bt.gather(ch, _grad)
+        h = self._hyper(group, ch)
+        h.short = float(group["lr"]) * self._dbound <= 3.0 * ch.layout.r
+        if ch.kind == "sphere":
+            g, c = bt.sphere_prepare(ch, x, g)
+        elif ch.kind == "stiefel":
+            g, c = bt.stiefel_prepare(ch, x, g)
+        else:
+            g, c = bt.generic_prepare(ch, x, g, h)
+        return ch, x, g, c, inplace, h
+
+    def _apply_chunk(self, group, item, stats) -> None:
+        """Step one chunk prepared by :meth:`_prepare_chunk` and write it back."""
+        ch, x, g, c, inplace, h = item
+        h.lr = self._chunk_lr(group, ch, c.dim() if ch.kind == "sphere" else 1)
+        if ch.kind == "sphere":
+            xn = bt.sphere_apply(ch, x, g, c, h, stats)
+        elif ch.kind == "stiefel":
+            xn = bt.stiefel_apply(ch, x, g, c, h, stats)
+        else:
+            xn = bt.generic_apply(ch, x, c, h, stats)
+        if not inplace:
+            bt.scatter(ch, xn)
+        if ch.fresh_members:
+            bt.commit_fresh(ch, self.state, _nblocks)
+
+    def _step_foreign(self, group, i) -> None:
+        """geoopt's update of parameter ``i`` of ``group`` (a manifold that is not a
+        kernelgeo kernel manifold), computed first and then written."""
+        p = group["params"][i]
+        commits: list = []
+        self._foreign(group, p, p.manifold, self._name(group, i), commits)
+        for op, target, key, new, *_ in commits:
+            if op == "copy":
+                target.copy_(new)
+            else:
+                target[key] = new
 
     def _prepass(self, plans) -> tuple[float, list]:
         """An upper bound of the 2-norm of every gradient of the step (NaN or Inf if one is

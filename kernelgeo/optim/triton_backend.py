@@ -55,6 +55,7 @@ import torch
 
 from ..manifolds import KernelProduct
 from . import batched as bt
+from .rsgd import _nblocks
 from .step_rules import rule_constants
 
 __all__ = ["available", "unavailable_reason", "interpreting", "check_device", "step",
@@ -452,40 +453,10 @@ def step(opt) -> bool:
     return True
 
 
-def _nblocks(p) -> int:
-    m = getattr(p, "manifold", None)
-    return len(m.blocks(p.shape)) if isinstance(m, KernelProduct) else 1
-
-
 def _fallback_step(opt, group, gp) -> None:
     """The torch path for the kernels this backend does not handle (gradients checked)."""
     for ch in gp.chunks:
-        x, g, inplace = bt.gather(ch, lambda p: p.grad)
-        h = opt._hyper(group, ch)
-        h.short = float(group["lr"]) * opt._dbound <= 3.0 * ch.layout.r
-        if ch.kind == "sphere":
-            g, c = bt.sphere_prepare(ch, x, g)
-        elif ch.kind == "stiefel":
-            g, c = bt.stiefel_prepare(ch, x, g)
-        else:
-            g, c = bt.generic_prepare(ch, x, g, h)
-        h.lr = opt._chunk_lr(group, ch, c.dim() if ch.kind == "sphere" else 1)
-        if ch.kind == "sphere":
-            xn = bt.sphere_apply(ch, x, g, c, h, None)
-        elif ch.kind == "stiefel":
-            xn = bt.stiefel_apply(ch, x, g, c, h, None)
-        else:
-            xn = bt.generic_apply(ch, x, c, h, None)
-        if not inplace:
-            bt.scatter(ch, xn)
-        if ch.fresh_members:
-            bt.commit_fresh(ch, opt.state, _nblocks)
+        opt._apply_chunk(group, opt._prepare_chunk(group, ch), None)
     for i in gp.foreign:
-        p = group["params"][i]
-        commits: list = []
-        opt._foreign(group, p, p.manifold, opt._name(group, i), commits)
-        for op, target, key, new, *_ in commits:
-            if op == "copy":
-                target.copy_(new)
-            else:
-                target[key] = new
+        opt._step_foreign(group, i)
+
