@@ -242,17 +242,17 @@ def _dense(t: torch.Tensor) -> bool:
     return True
 
 
-def _native_shape(lay: _Layout, p: torch.Tensor) -> tuple[int, int, int] | None:
-    """``(nblk, a, s)`` of a kernel (or dense product block) for the fused CPU kernel, or None.
+def row_blocks(lay: _Layout, p: torch.Tensor) -> tuple[int, int, int] | None:
+    """``(nblk, a, s)`` of a sphere-like kernel (or dense product block) in memory, or None.
 
     Memory layouts accepted (the gradient and buffer are given the parameter's strides):
     rows (spheres, oblique slices): every row is one contiguous segment, in any inner order
     (row sums do not depend on it: contiguous and channels-last kernels qualify); oblique
     columns: contiguous kernels (column = stride ``s`` in each ``a*s`` block) or kernels whose
     last two dimensions are swapped in memory (columns contiguous: rows of length ``a``).
+    The layouts of the fused CPU kernels and of the Triton kernels, on any device.
     """
-    if lay.kind != "sphere" or p.device.type != "cpu" or p.numel() == 0 or \
-            p.dtype not in _native.DTYPES or not _dense(p):
+    if lay.kind != "sphere" or p.numel() == 0 or not _dense(p):
         return None
     if lay.soa:
         a, s = lay.soa_shape
@@ -269,9 +269,18 @@ def _native_shape(lay: _Layout, p: torch.Tensor) -> tuple[int, int, int] | None:
             return None
     else:
         return None
-    if s > 64 or p.numel() % (a * s):
+    if p.numel() % (a * s):
         return None
     return p.numel() // (a * s), a, s
+
+
+def _native_shape(lay: _Layout, p: torch.Tensor) -> tuple[int, int, int] | None:
+    """``(nblk, a, s)`` of a kernel for the fused CPU kernel (:func:`row_blocks` on a CPU
+    tensor of a supported dtype, columns of stride at most 64), or None."""
+    if p.device.type != "cpu" or p.dtype not in _native.DTYPES:
+        return None
+    shape = row_blocks(lay, p)
+    return None if shape is None or shape[2] > 64 else shape
 
 
 def build_group_plan(group: dict, state, *, chunk_numel: int, max_step: float,

@@ -152,31 +152,11 @@ def _launch(kernel, grid, *args, **kw) -> None:
         kernel[grid](*args, **kw)
 
 
-# ----------------------------------------------------------------------------------- kernels
 # -------------------------------------------------------------------------------- the plan
 def _tile_shape(lay, p: torch.Tensor) -> tuple[int, int, int] | None:
     """``(nblk, a, s)`` of a sphere-like kernel or dense product block (see the module doc),
     or None: left to the torch path.  The layouts of the fused CPU kernels, on any device."""
-    if lay.kind != "sphere" or p.numel() == 0 or p.dtype not in DTYPES or not bt._dense(p):
-        return None
-    if lay.soa:
-        a, s = lay.soa_shape
-        if p.is_contiguous():
-            pass
-        elif p.dim() == 4 and p.transpose(2, 3).is_contiguous():
-            s = 1  # columns stored contiguously: rows of length a
-        else:
-            return None
-    elif lay.dim == -1:
-        a, s = math.prod(lay.tail), 1
-        whole_rows = a == math.prod(p.shape[1:]) and (p.shape[0] == 1 or p.stride(0) == a)
-        if not (p.is_contiguous() or whole_rows):
-            return None
-    else:
-        return None
-    if p.numel() % (a * s):
-        return None
-    return p.numel() // (a * s), a, s
+    return bt.row_blocks(lay, p) if p.dtype in DTYPES else None
 
 
 @dataclass
