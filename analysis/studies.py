@@ -21,7 +21,6 @@ import csv
 import json
 import math
 import os
-import platform
 import shlex
 import sys
 import time
@@ -42,6 +41,7 @@ from kernelgeo.data import load_dataset  # noqa: E402
 from kernelgeo.manifolds import parse_geometry  # noqa: E402
 from kernelgeo.models import get_model  # noqa: E402
 from kernelgeo.train import TrainConfig, train  # noqa: E402
+from kernelgeo.training import machine_info  # noqa: E402
 from kernelgeo.training.loaders import default_model  # noqa: E402
 
 __all__ = ["Run", "run_grid", "collect", "write_csv", "CSV_COLUMNS", "load_rows",
@@ -326,17 +326,9 @@ def t_interval(diffs: Sequence[float], level: float = 0.95) -> tuple[float, floa
 
 def machine_line() -> str:
     """``host: CPU (n cores), torch x, python y``."""
-    cpu = platform.processor() or platform.machine()
-    try:
-        with open("/proc/cpuinfo") as fh:
-            for line in fh:
-                if line.startswith("model name"):
-                    cpu = line.split(":", 1)[1].strip()
-                    break
-    except OSError:
-        pass
-    return (f"{cpu}, {os.cpu_count()} logical cores (shared), torch {torch.__version__}, "
-            f"python {platform.python_version()}")
+    info = machine_info()
+    return (f"{info.get('cpu', info['processor'])}, {info['cpu_count']} logical cores "
+            f"(shared), torch {info['torch']}, python {info['python']}")
 
 
 def command_line() -> str:

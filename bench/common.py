@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import datetime
-import platform
 import statistics
 import time
 
@@ -13,6 +12,7 @@ from torch import nn
 from kernelgeo import constrain
 from kernelgeo._compat import geoopt
 from kernelgeo.models import get_model
+from kernelgeo.training import machine_info
 
 #: benchmark model name -> (kernelgeo.models name, classes): ResNet-20 with 1x1 projection
 #: shortcuts (option B) on CIFAR-10 and torchvision's ResNet-50 on ImageNet, as in RESULTS.md
@@ -79,23 +79,13 @@ def timeit_interleaved(fns: dict, *, repeat: int = 7, number: int = 5, sync=None
 
 
 def machine() -> str:
-    cpu = "unknown CPU"
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    cpu = line.split(":", 1)[1].strip()
-                    break
-    except OSError:
-        pass
-    import os
-
+    info = machine_info()
     dev = ""
     if torch.cuda.is_available():
         dev = f", GPU {torch.cuda.get_device_name()}"
-    return (f"{platform.platform()}, {cpu} ({os.cpu_count()} logical CPUs, "
-            f"{torch.get_num_threads()} torch threads){dev}, Python {platform.python_version()}, "
-            f"torch {torch.__version__}, geoopt {geoopt.__version__}")
+    return (f"{info['platform']}, {info.get('cpu', 'unknown CPU')} ({info['cpu_count']} logical "
+            f"CPUs, {info['torch_threads']} torch threads){dev}, Python {info['python']}, "
+            f"torch {info['torch']}, geoopt {geoopt.__version__}")
 
 
 def now() -> str:
