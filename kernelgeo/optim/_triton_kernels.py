@@ -34,16 +34,19 @@ def _step_size(rn, lr, cap, rule):
     return tl.where(rule, lr / tl.maximum(rn * (lr / cap), 1.0), lr)
 
 @triton.jit
+def _flags(flags):
+    # bits of an item's flags word (triton_backend: centre, fresh buffer, capped rule,
+    # has a buffer, Nesterov)
+    return ((flags & 1) != 0, (flags & 2) != 0, (flags & 4) != 0, (flags & 8) != 0,
+            (flags & 16) != 0)
+
+@triton.jit
 def sphere_short(tiles, itab, ftab, tile0, BC: tl.constexpr, BA: tl.constexpr,
                  IS64: tl.constexpr):
     t = tile0 + tl.program_id(0)
     xp, gp, bp, c0, nc, a, s, flags, lr, r, cap, mu, damp = _header(tiles, itab, ftab,
                                                                      t, IS64)
-    center = (flags & 1) != 0
-    fresh = (flags & 2) != 0
-    rule = (flags & 4) != 0
-    hasb = (flags & 8) != 0
-    nest = (flags & 16) != 0
+    center, fresh, rule, hasb, nest = _flags(flags)
     ci = c0 + tl.arange(0, BC).to(tl.int64)
     cm = tl.arange(0, BC) < nc
     k = tl.arange(0, BA).to(tl.int64)
@@ -77,11 +80,7 @@ def sphere_long(tiles, itab, ftab, tile0, BA: tl.constexpr, IS64: tl.constexpr):
     t = tile0 + tl.program_id(0)
     xp, gp, bp, c0, nc, a, s, flags, lr, r, cap, mu, damp = _header(tiles, itab, ftab,
                                                                      t, IS64)
-    center = (flags & 1) != 0
-    fresh = (flags & 2) != 0
-    rule = (flags & 4) != 0
-    hasb = (flags & 8) != 0
-    nest = (flags & 16) != 0
+    center, fresh, rule, hasb, nest = _flags(flags)
     blk = c0 // s
     base = blk * a * s + (c0 - blk * s)
     k0 = tl.arange(0, BA).to(tl.int64)
