@@ -345,7 +345,13 @@ def test_curvature_bounds_by_shape_reached_and_never_exceeded(shape, per, np_, b
                 return loss
 
             opt.step(closure)
-            best = max(best, sign * float(C.sectional_curvature(m, x, a.detach(), b.detach())))
+            k = float(C.sectional_curvature(m, x, a.detach(), b.detach()))
+            # the optimised plane, checked with the oracle formula (unit radius, then / r^2)
+            y = m.to_batch(x)[0].numpy() / 2.0
+            u, v = (m.to_batch(t.detach())[0].numpy() for t in (a, b))
+            u, v = (w - y @ (y.T @ w + w.T @ y) / 2 for w in (u, v))
+            assert k == pytest.approx(gauss_k(u, v) / r2, abs=1e-9)
+            best = max(best, sign * k)
         assert sign * best == pytest.approx(want, abs=1e-6)
 
 
