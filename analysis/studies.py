@@ -22,6 +22,7 @@ import json
 import math
 import os
 import shlex
+import subprocess
 import sys
 import time
 from collections.abc import Callable, Iterable, Sequence
@@ -222,6 +223,21 @@ def run_grid(study: str, runs: Sequence[Run], folder: str | Path, *, resume: boo
     if write:
         write_csv(rows, folder / "runs.csv")
     return rows
+
+
+def launch_workers(script: str | Path, argv: list[str], k: int) -> int:
+    """Start ``k`` copies of ``script`` with ``argv --resume --worker i/k``; wait for all.
+
+    Worker ``i`` runs runs ``i, i + k, ...`` of the grid and writes no ``runs.csv`` (the
+    parent collects).  Returns the largest exit status.
+    """
+    procs = []
+    for i in range(k):
+        cmd = [sys.executable, str(Path(script).resolve()), *argv, "--resume",
+               "--worker", f"{i}/{k}"]
+        procs.append(subprocess.Popen(cmd))
+        time.sleep(1.0)  # stagger the data decoding (and CUDA start-up)
+    return max(p.wait() for p in procs)
 
 
 def _history(rd: Path) -> list[dict]:

@@ -27,7 +27,7 @@ Writes ``runs.csv``, ``test_error.png`` and ``report.md`` to ``--out``.
 
 from __future__ import annotations
 
-import subprocess
+import argparse
 import sys
 import time
 from pathlib import Path
@@ -39,6 +39,7 @@ from studies import (  # noqa: E402
     base_parser,
     collect,
     command_line,
+    launch_workers,
     machine_line,
     mean_std,
     run_grid,
@@ -66,17 +67,6 @@ def build_runs(args) -> list[Run]:
                               batch_size=args.batch_size, augment="crop+flip")
             runs.append(Run(run_name(args.model, g, f"s{s}"), cfg))
     return runs
-
-
-def launch_workers(argv: list[str], k: int) -> int:
-    """Start ``k`` copies of this script, worker ``i`` running runs ``i, i + k, ...``; wait."""
-    procs = []
-    for i in range(k):
-        cmd = [sys.executable, str(Path(__file__).resolve()), *argv, "--resume",
-               "--worker", f"{i}/{k}"]
-        procs.append(subprocess.Popen(cmd))
-        time.sleep(1.0)  # stagger the data decoding and CUDA start-up
-    return max(p.wait() for p in procs)
 
 
 def report(args, rows, folder: Path) -> str:
@@ -144,7 +134,7 @@ def main(argv=None) -> int:
     p.add_argument("--device", default="auto")
     p.add_argument("--concurrent", type=int, default=1,
                    help="worker processes at once (on one GPU)")
-    p.add_argument("--worker", default=None, help=argparse_hidden())
+    p.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.concurrent < 1:
         p.error("--concurrent must be >= 1")
@@ -163,7 +153,7 @@ def main(argv=None) -> int:
             p.error(f"{folder / 'runs'} already holds {len(taken)} of these runs: pass "
                     "--resume to continue the study, or use another --out")
         worker_argv = [a for a in argv if a != "--resume"]
-        rc = launch_workers(worker_argv, min(args.concurrent, len(runs)))
+        rc = launch_workers(__file__, worker_argv, min(args.concurrent, len(runs)))
         rows = collect(STUDY, runs, folder)
         write_csv(rows, folder / "runs.csv")
         if rc:
@@ -175,12 +165,6 @@ def main(argv=None) -> int:
         return 1
     print(report(args, rows, folder))
     return 0
-
-
-def argparse_hidden():
-    import argparse
-
-    return argparse.SUPPRESS
 
 
 if __name__ == "__main__":

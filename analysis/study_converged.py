@@ -37,6 +37,7 @@ Writes ``runs.csv``, ``paired.csv``, ``test_error.png``, ``train_loss.png``, ``p
 
 from __future__ import annotations
 
+import argparse
 import csv
 import math
 import sys
@@ -51,6 +52,7 @@ from studies import (  # noqa: E402
     base_parser,
     collect,
     command_line,
+    launch_workers,
     machine_line,
     mean_std,
     run_grid,
@@ -250,13 +252,33 @@ def main(argv=None) -> int:
     p.add_argument("--lr", type=float, default=0.1)
     p.add_argument("--batch-size", type=int, default=128)
     p.add_argument("--plateau", type=float, default=0.02)
+    p.add_argument("--concurrent", type=int, default=1,
+                   help="runs trained at once, one worker process each (default: 1)")
+    p.add_argument("--worker", default=None, help=argparse.SUPPRESS)
+    argv = sys.argv[1:] if argv is None else list(argv)
     args = p.parse_args(argv)
     if BASELINE not in args.variants:
         p.error(f"--variants must include {BASELINE!r} (the paired baseline)")
+    if args.concurrent < 1:
+        p.error("--concurrent must be >= 1")
     folder = Path(args.out)
     runs = build_runs(args)
+    if args.worker is not None:
+        i, k = (int(x) for x in args.worker.split("/"))
+        run_grid(STUDY, runs[i::k], folder, resume=True, write=False)
+        return 0
     if args.report_only:
         rows = collect(STUDY, runs, folder)
+    elif args.concurrent > 1:
+        taken = [r.name for r in runs if (folder / "runs" / r.name).exists()]
+        if taken and not args.resume:
+            p.error(f"{folder / 'runs'} already holds {len(taken)} of these runs: pass "
+                    "--resume to continue the study, or use another --out")
+        worker_argv = [a for a in argv if a != "--resume"]
+        rc = launch_workers(__file__, worker_argv, min(args.concurrent, len(runs)))
+        rows = collect(STUDY, runs, folder)
+        if rc:
+            print(f"a worker exited with status {rc}; runs.csv holds the finished runs")
     else:
         rows = run_grid(STUDY, runs, folder, resume=args.resume)
     if not rows:

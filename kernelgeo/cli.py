@@ -150,8 +150,8 @@ def _add_common(p: argparse.ArgumentParser, *, defaults: dict | None = None) -> 
                    help="seed of the fixed train/test split (digits) and of subsets, in "
                         "[0, 2**32) (default: %(default)s)")
     g.add_argument("--image-size", type=_field("image_size"), default=None,
-                   help="folder:<path> images: resize the shorter side to this size, then "
-                        "centre-crop (aspect ratio kept)")
+                   help="resize the shorter side of every image to this size, then "
+                        "centre-crop (aspect ratio kept; default: keep the size)")
     g.add_argument("--workers", type=_field("workers"), default=None,
                    help="data-loading worker processes for streaming folders")
     g.add_argument("--augment", default="auto", choices=AUGMENTATIONS,

@@ -185,9 +185,53 @@ class ImageData:
         # keep the full training set's statistics so subsets normalise like the full data
         return replace(self, **out, mean=self.mean, std=self.std)
 
+    def resized(self, size: int) -> ImageData:
+        """The same images resized to ``size`` x ``size`` (uint8, statistics recomputed).
+
+        The shorter side is resized to ``size`` with antialiased bilinear interpolation (area
+        averaging when shrinking by an integer factor) and the image centre-cropped, as
+        :class:`~kernelgeo.folder.FolderData` does for ImageFolder trees.
+
+        Parameters
+        ----------
+        size : int
+            Side length of the output images, ``>= 1``.
+        """
+        if int(size) < 1:
+            raise ValueError(f"image_size must be a positive integer, got {size!r}")
+        size = int(size)
+        if self.image_size == (size, size):
+            return self
+        out = {f"x_{split}": _resize_uint8(getattr(self, f"x_{split}"), size)
+               for split in ("train", "test")}
+        h, w = self.image_size
+        return replace(self, **out, mean=(), std=(),
+                       label=f"{self.label}, resized {h}x{w} -> {size}x{size}")
+
     def describe(self) -> str:
         return (f"{self.label}: train {tuple(self.x_train.shape)}, test "
                 f"{tuple(self.x_test.shape)}, {self.num_classes} classes")
+
+
+def _resize_uint8(x: torch.Tensor, size: int, chunk: int = 4096) -> torch.Tensor:
+    """Resize uint8 images ``(N, C, H, W)``: shorter side to ``size``, centre crop."""
+    import torch.nn.functional as F
+
+    h, w = int(x.shape[2]), int(x.shape[3])
+    scale = size / min(h, w)
+    th, tw = max(size, round(h * scale)), max(size, round(w * scale))
+    top, left = (th - size) // 2, (tw - size) // 2
+    out = torch.empty((x.shape[0], x.shape[1], size, size), dtype=torch.uint8)
+    for i in range(0, x.shape[0], chunk):
+        xb = x[i:i + chunk].float()
+        if h % th == 0 and w % tw == 0:
+            yb = F.avg_pool2d(xb, (h // th, w // tw))
+        else:
+            yb = F.interpolate(xb, size=(th, tw), mode="bilinear", antialias=True,
+                               align_corners=False)
+        yb = yb[:, :, top:top + size, left:left + size]
+        out[i:i + chunk] = yb.round_().clamp_(0, 255).to(torch.uint8)
+    return out
 
 
 def _stratified_indices(y: torch.Tensor, n: int, seed: int) -> torch.Tensor:
@@ -534,17 +578,19 @@ def _load_folder(spec: str, image_size: int | None, stream: bool | None, split_s
 @functools.lru_cache(maxsize=4)
 def _load_cached(name: str, data_dir: str | None, download: bool, split_seed: int,
                  image_size: int | None, stream: bool | None):
-    if name == "digits":
-        return load_digits(split_seed)
-    if name in ("cifar10-jpeg", "cifar10-tiny"):
-        return _load_shared_npz(name, data_dir)
-    if name in ("mnist", "fashion-mnist"):
-        return _load_idx_dataset(name, data_dir, download)
-    if name in ("cifar10", "cifar100"):
-        return _load_tv_cifar(name, data_dir, download)
     if name.lower().startswith("folder:"):
         return _load_folder(name, image_size, stream, split_seed)
-    raise ValueError(f"unknown dataset {name!r}")  # pragma: no cover - checked before
+    if name == "digits":
+        d = load_digits(split_seed)
+    elif name in ("cifar10-jpeg", "cifar10-tiny"):
+        d = _load_shared_npz(name, data_dir)
+    elif name in ("mnist", "fashion-mnist"):
+        d = _load_idx_dataset(name, data_dir, download)
+    elif name in ("cifar10", "cifar100"):
+        d = _load_tv_cifar(name, data_dir, download)
+    else:  # pragma: no cover - checked before
+        raise ValueError(f"unknown dataset {name!r}")
+    return d.resized(image_size) if image_size is not None else d
 
 
 def load_dataset(name: str, data_dir: str | os.PathLike | None = None, *,
@@ -567,9 +613,10 @@ def load_dataset(name: str, data_dir: str | os.PathLike | None = None, *,
     train_subset, test_subset : int, optional
         Keep a stratified subset of this many images.
     image_size : int, optional
-        ImageFolder images: resize the shorter side to ``image_size`` (aspect ratio kept) and
-        centre-crop to ``image_size`` x ``image_size``.  Without it all images must share one
-        size.
+        Resize the shorter side to ``image_size`` (aspect ratio kept) and centre-crop to
+        ``image_size`` x ``image_size`` (:meth:`ImageData.resized`); the statistics used to
+        normalise are those of the resized training images.  Without it, in-memory data sets
+        keep their size and all images of an ImageFolder tree must share one size.
     stream : bool, optional
         ImageFolder trees only: ``True`` streams from disk (:class:`FolderData`), ``False``
         decodes into memory, ``None`` streams trees of more than

@@ -222,3 +222,30 @@ def test_loader_state_resumes_order_and_augmentation():
     xs = torch.cat([x for x, _ in TensorLoader(d.x_train, d.y_train, 500, mean=d.mean,
                                                std=d.std)])
     assert abs(float(xs.mean())) < 1e-4 and abs(float(xs.std()) - 1) < 1e-3
+
+
+def test_image_size_resizes_in_memory_data_sets():
+    """``image_size`` applies to every data set (it was once ignored outside ImageFolder trees)."""
+    from kernelgeo.data import ImageData
+
+    d = load_dataset("digits")
+    d4 = load_dataset("digits", image_size=4)
+    assert d4.image_size == (4, 4) and d4.n_train == d.n_train and d4.x_train.dtype == torch.uint8
+    # an integer factor is plain 2x2 area averaging, rounded half to even
+    x = d.x_train[:7].double()
+    ref = (x[:, :, 0::2, 0::2] + x[:, :, 1::2, 0::2] + x[:, :, 0::2, 1::2]
+           + x[:, :, 1::2, 1::2]) / 4
+    assert torch.equal(d4.x_train[:7], ref.round().to(torch.uint8))
+    assert d4.mean != d.mean  # statistics of the resized images
+    # non-integer factor and a non-square image: shorter side resized, centre-cropped
+    rect = ImageData("r", torch.randint(0, 256, (3, 1, 8, 12), dtype=torch.uint8),
+                     torch.zeros(3, dtype=torch.long),
+                     torch.randint(0, 256, (2, 1, 8, 12), dtype=torch.uint8),
+                     torch.zeros(2, dtype=torch.long), 1)
+    r5 = rect.resized(5)
+    assert r5.image_size == (5, 5) and r5.n_test == 2
+    assert rect.resized(8).image_size == (8, 8)
+    with pytest.raises(ValueError, match="positive"):
+        rect.resized(0)
+    assert load_dataset("digits", image_size=8) is not d  # cached per size
+    assert load_dataset("digits", image_size=8).image_size == (8, 8)
