@@ -248,6 +248,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=_SEED, default=0, help="in [0, 2**63) (default: %(default)s)")
     _add_output(p, "train", resume=True)
     p.add_argument("--no-checkpoint", action="store_true", help="do not write checkpoints")
+    p.add_argument("--no-path-length", action="store_true",
+                   help="do not measure the path length the weights travel (it costs a copy "
+                        "of the weights and a few operations per step)")
     p.add_argument("--stop-after", type=_field("stop_after"), default=None, metavar="E",
                    help="stop after E epochs of this invocation (resumable with --resume), "
                         "e.g. to fit a job time limit")
@@ -343,7 +346,8 @@ def _cmd_analyze(args, argv) -> int:
         raise ConfigError(str(err)) from None
 
 
-_SKIP = {"func", "command", "geometries", "seeds", "title", "no_checkpoint", "name"}
+_SKIP = {"func", "command", "geometries", "seeds", "title", "no_checkpoint", "name",
+         "no_path_length"}
 
 
 def _config(args, **over) -> TrainConfig:
@@ -351,6 +355,8 @@ def _config(args, **over) -> TrainConfig:
     kw = {k: v for k, v in vars(args).items() if k in fields and k not in _SKIP}
     if getattr(args, "no_checkpoint", False):
         kw["checkpoint"] = False
+    if getattr(args, "no_path_length", False):
+        kw["track_path"] = False
     kw.update(over)
     return TrainConfig(**kw)
 

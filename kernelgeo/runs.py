@@ -71,6 +71,11 @@ class Run:
         Re-created initial weights (state dict), or ``None`` when unavailable.
     init_note : str
         How ``init_state`` was obtained, or why it is unavailable.
+    path_lengths : dict or None
+        Path length travelled by each weight (parameters with ``ndim >= 2``, by name) up to
+        the checkpoint (:mod:`kernelgeo.training.path`), or ``None`` when unavailable.
+    path_note : str
+        Why ``path_lengths`` is unavailable (empty when it is available).
     """
 
     path: Path
@@ -87,6 +92,8 @@ class Run:
     optimizer_state: dict = field(default_factory=dict)
     init_state: dict | None = None
     init_note: str = ""
+    path_lengths: dict | None = None
+    path_note: str = ""
 
     @property
     def name(self) -> str:
@@ -281,6 +288,19 @@ def load_run(path: str | Path, *, data=None, with_init: bool = True) -> Run:
         init_state = {k: v.clone() for k, v in stored.items()}
         note = ("stored in the checkpoint; re-created from the seed: "
                 + ("identical" if same else "different (the stored weights are used)"))
+    path_lengths, path_note = _path_lengths(state)
     return Run(p, cfg, dict(state["config"]), model, data, train_loader, test_loader,
                history, summary, int(state["epoch"]), int(state["step"]),
-               state["optimizer"], init_state, note)
+               state["optimizer"], init_state, note, path_lengths, path_note)
+
+
+def _path_lengths(state: dict) -> tuple[dict | None, str]:
+    """The checkpoint's path lengths (they belong to its weights, as the summary's need not)."""
+    if "path" not in state:
+        return None, "the checkpoint was written by a version that did not measure it"
+    ps = state["path"]
+    if ps is None:
+        return None, "not measured (the run was trained with track_path=False)"
+    if ps.get("unavailable"):
+        return None, ps["unavailable"]
+    return dict(zip(ps["names"], ps["per_layer"], strict=True)), ""

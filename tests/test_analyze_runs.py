@@ -73,6 +73,12 @@ def test_load_run_round_trip(runs, geometry):
     # optimizer state restored (momentum buffers of every trained parameter)
     opt = run.optimizer()
     assert all(opt.state[p] for p in run.model.parameters())
+    # path lengths of every weight; a path is at least as long as the chord of its ends
+    weights = [n for n, p in run.model.named_parameters() if p.dim() >= 2]
+    assert run.path_note == "" and list(run.path_lengths) == weights
+    for n in weights:
+        chord = float((run.model.state_dict()[n].double() - init[n].double()).norm())
+        assert run.path_lengths[n] >= chord * (1 - 1e-6) > 0, n
 
 
 def test_load_run_refuses_missing_foreign_and_corrupt(runs, tmp_path):
@@ -201,12 +207,12 @@ def test_report_on_two_runs_has_every_section(runs, tmp_path):
     for s in SECTIONS:
         assert s in md, s
     # the 5-point grid on [-0.25, 1.25] has 0.125 and 0.875: they become 0 and 1
-    for needle in ("sphere (sphere)", "stiefel (stiefel)", "St(", "K(g, m)", "n/a",
+    for needle in ("sphere (sphere)", "stiefel (stiefel)", "St(", "K(g, m)", "path / geodesic",
                    "t = -0.25, 0, 0.5, 1, 1.25."):
         assert needle in md, needle
     for png in ("curvature_plane.png", "normal_curvature.png", "angular_step.png",
                 "distance_from_init.png", "interpolation_1d.png", "landscape_manifold.png",
-                "landscape_euclidean.png"):
+                "landscape_euclidean.png", "path_over_distance.png"):
         assert image_variance(tmp_path / "rep" / png) > 1e-4, png
         assert f"({png})" in md
     summary = json.loads((tmp_path / "rep" / "summary.json").read_text())

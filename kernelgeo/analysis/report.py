@@ -25,7 +25,8 @@ every kernel of every run it measures, at the trained weights:
 * **distance from the initialization**: geodesic distance to the re-created initial weights
   (:func:`~kernelgeo.analysis.geodesics.layer_distances`; NaN with the reason where a
   Stiefel distance cannot be computed and certified) next to the chordal (Euclidean)
-  distance; the path length is not recorded by training runs and is reported as n/a;
+  distance and the path length the weights travelled during training
+  (:mod:`kernelgeo.training.path`; n/a with the reason for runs that did not measure it);
 * **sharpness**: top eigenvalue of the Riemannian and of the Euclidean Hessian of the
   training loss on a fixed subset (:func:`~kernelgeo.analysis.hessian.sharpness`);
 * **1-D interpolation** from the initialization (t=0) to the trained weights (t=1) along the
@@ -102,6 +103,8 @@ class LayerAnalysis:
     distance: float = math.nan
     distance_note: str = ""
     chordal: float = math.nan
+    path_length: float = math.nan
+    path_note: str = ""
 
 
 @dataclass
@@ -308,6 +311,10 @@ def _layer_rows(run, grads, moms, sym_layers) -> list[LayerAnalysis]:
             row.distance = dists.get(name, math.nan)
             row.distance_note = dist_notes.get(name, "")
             row.chordal = float((x - run.init_state[name].double()).norm())
+        if run.path_lengths is None:
+            row.path_note = "path length n/a: " + run.path_note
+        else:
+            row.path_length = float(run.path_lengths.get(name, math.nan))
         rows.append(row)
     return rows
 
@@ -509,6 +516,13 @@ def _write(res: list[RunAnalysis], out: Path, opts: dict, log) -> Path:
         "distance": plot_bars(per_layer("distance"), layers, out / "distance_from_init.png",
                               ylabel="geodesic distance", title="distance from initialization"),
     }
+    detour = {r.label: [p / d if d > 0 else math.nan for p, d in
+                        zip(per_layer("path_length")[r.label], per_layer("distance")[r.label],
+                            strict=True)] for r in res}
+    if any(math.isfinite(v) for vs in detour.values() for v in vs):
+        figs["detour"] = plot_bars(detour, layers, out / "path_over_distance.png",
+                                   ylabel="path length / geodesic distance", log=True,
+                                   title="path travelled per unit of distance from init")
     curves = {r.label: r.curve for r in res if r.curve}
     if curves:
         figs["curves"] = plot_curves_1d(curves, out / "interpolation_1d.png",
@@ -569,15 +583,23 @@ def _write(res: list[RunAnalysis], out: Path, opts: dict, log) -> Path:
           "## Distance from initialization", "",
           "Geodesic distance from the re-created initial weights to the trained ones, per "
           "kernel (Stiefel blocks: embedded-metric logarithm, verified or refused), and the "
-          "chordal (Euclidean) distance.  Path length: n/a (training runs do not record the "
-          "path travelled).", "",
+          "chordal (Euclidean) distance, beside the path length travelled during training "
+          "(sum of the per-step changes of the weights; for small steps the Riemannian "
+          "length of the same path).  Path / geodesic is 1 for a run that went straight "
+          "to its endpoint along a geodesic and grows with every detour.", "",
           _md_table(["run", "layer", "path length", "geodesic distance", "chordal distance",
-                     "chordal / geodesic"],
-                    [[r.label, lay.name, math.nan, lay.distance, lay.chordal,
+                     "path / geodesic", "chordal / geodesic"],
+                    [[r.label, lay.name, lay.path_length, lay.distance, lay.chordal,
+                      lay.path_length / lay.distance if lay.distance > 0 else math.nan,
                       lay.chordal / lay.distance if lay.distance > 0 else math.nan]
                      for r in res for lay in r.layers]), ""]
-    md += _notes(res, "distance_note") + ["",
-          f"![distance from initialization]({figs['distance'].name})", "",
+    md += _notes(res, "distance_note") + [
+        f"- {r.label}: {note}" for r in res
+        for note in dict.fromkeys(lay.path_note for lay in r.layers if lay.path_note)]
+    md += ["", f"![distance from initialization]({figs['distance'].name})", ""]
+    if "detour" in figs:
+        md += [f"![path length over distance]({figs['detour'].name})", ""]
+    md += [
           "## Sharpness", "",
           "Top eigenvalue of the Hessian of the training loss on the first "
           f"{opts['sharpness_subset']} training images (model in eval mode): Riemannian "

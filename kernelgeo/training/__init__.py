@@ -8,6 +8,7 @@ Modules, in the order a run uses them:
 ``optimizers``      optimizer (one small factory per ``--optimizer``) and learning-rate schedule
 ``rundir``          output-directory rules, atomic run files, default ``runs/<command>/<name>``
 ``environment``     device, threads, seeds, RNG states, machine description
+``path``            path length travelled by the weights (per layer and in total)
 ``loop``            :func:`train`: build, check, resume, the epoch loop, summary
 ==================  ==========================================================================
 """

@@ -46,7 +46,7 @@ SPLIT_SEED_MAX = 2**32 - 1
 NOT_RESULT_FIELDS = frozenset({
     "epochs", "data_dir", "download", "device", "deterministic", "threads", "out", "resume",
     "force", "checkpoint", "stop_after", "max_steps", "sync_check_every", "broadcast_every",
-    "quiet", "progress", "print_freq", "command", "extra",
+    "quiet", "progress", "print_freq", "command", "extra", "track_path",
 })
 
 
@@ -107,6 +107,7 @@ class TrainConfig:
     quiet: bool = False
     progress: bool = True
     print_freq: int | None = None
+    track_path: bool = True
     command: str | None = None
     extra: dict = field(default_factory=dict)
 
@@ -171,6 +172,7 @@ _CHECKS: dict[str, tuple[Callable[[Any], bool], str]] = {
     "sync_check_every": (_int(0), "an integer >= 0 (steps; 0: never)"),
     "broadcast_every": (_int(0), "an integer >= 0 (steps; 0: never)"),
     "print_freq": (_optional(_int(1)), "a positive integer (batches)"),
+    "track_path": (_bool, "True or False"),
 }
 
 

@@ -56,6 +56,7 @@ from .environment import (
 )
 from .loaders import build_loaders, default_model
 from .optimizers import LENGTH_DEPENDENT_SCHEDULES, build_optimizer, build_scheduler
+from .path import PathMeter
 
 __all__ = ["train", "evaluate", "CKPT_FORMAT"]
 
@@ -85,6 +86,7 @@ class _Run:
     out: Path | None
     cfg_dict: dict
     log: Any
+    path: PathMeter | None = None
     action: str | None = None  # what to do with ``out`` (see rundir.check_out)
 
     @property
@@ -184,7 +186,7 @@ def _build(cfg: TrainConfig, data, ctx: kdist.DistContext) -> _Run:
     cd["model"] = model_name
     return _Run(cfg, ctx, device, data, model_name, model, report, optimizer, scheduler, scaler,
                 train_loader, test_loader, Path(cfg.out) if cfg.out else None, cd,
-                _log_fn(cfg, ctx))
+                _log_fn(cfg, ctx), PathMeter(model) if cfg.track_path else None)
 
 
 def _check_out_and_resume(run: _Run) -> dict | None:
@@ -232,6 +234,8 @@ def _restore(run: _Run, state: dict) -> tuple[int, int, list[dict]]:
     run.scaler.load_state_dict(state["scaler"])
     run.train_loader.load_state_dict(state["loader"])
     set_rng_state(state["rng"], run.device)
+    if run.path is not None:
+        run.path.load_state_dict(state.get("path"))
     return int(state["epoch"]), int(state["step"]), list(state["history"])
 
 
@@ -258,6 +262,7 @@ def _checkpoint(run: _Run, epoch: int, step: int, history: list[dict]) -> None:
         "optimizer": run.optimizer.state_dict(), "scheduler": run.scheduler.state_dict(),
         "scaler": run.scaler.state_dict(), "loader": run.train_loader.state_dict(),
         "rng": rng_state(run.device),
+        "path": run.path.state_dict() if run.path is not None else None,
     }, run.out / rundir.CKPT_NAME)
 
 
@@ -352,6 +357,8 @@ def _train_epoch(run: _Run, model_t: nn.Module, epoch: int, step: int,
                 run.scheduler.step()
         else:
             run.scheduler.step()
+        if run.path is not None:
+            run.path.update()
         step += 1
         with torch.no_grad():
             acc[0] += loss.detach().double() * len(yb)
@@ -382,6 +389,7 @@ def _epoch_row(run: _Run, model_t: nn.Module, epoch: int, step: int, acc: torch.
         "epoch_time": time.perf_counter() - t0,
         "images_per_s": float(acc[2]) / max(train_time, 1e-9),
         "amp_skipped_steps": skipped,
+        "path_length": run.path.total_length() if run.path is not None else None,
     }
     if not math.isfinite(row["train_loss"]):
         raise FloatingPointError(
@@ -468,6 +476,10 @@ def _summary(run: _Run, history, n_params, n_manifold, divergence, run_time,
         "max_constraint_error": max((h["constraint_error"] for h in history), default=0.0),
         "final_constraint_error": history[-1]["constraint_error"] if history else 0.0,
         "amp_skipped_steps": sum(h.get("amp_skipped_steps", 0) for h in history),
+        "path_length": run.path.total_length() if run.path is not None else None,
+        "path_length_per_layer": run.path.layer_lengths() if run.path is not None else None,
+        "path_length_note": ("not measured (track_path=False)" if run.path is None
+                              else run.path.unavailable or ""),
         "parameters": n_params, "manifold_parameters": n_manifold,
         "layers": [vars(e).copy() for e in run.report.entries],
         "world_size": run.ctx.world_size, "ddp_max_param_divergence": divergence,

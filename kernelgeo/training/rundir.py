@@ -42,7 +42,8 @@ RUNS_ROOT = "runs"
 CKPT_NAME = "checkpoint.pt"
 #: columns of ``metrics.csv``
 METRIC_FIELDS = ("epoch", "step", "lr", "train_loss", "train_error", "test_loss", "test_error",
-                 "constraint_error", "epoch_time", "images_per_s", "amp_skipped_steps")
+                 "constraint_error", "epoch_time", "images_per_s", "amp_skipped_steps",
+                 "path_length")
 
 
 def _unique(path: Path) -> Path:
