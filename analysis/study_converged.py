@@ -119,6 +119,22 @@ def paired(rows, variants, key="final_test_error") -> list[dict]:
     return out
 
 
+def verdict(pairs) -> str:
+    """One sentence per outcome: which geometries are resolved better or worse than the
+    Euclidean baseline (95 % t-interval excluding 0) and which are not resolved."""
+    better = [p["variant"] for p in pairs if p["t95_hi"] < 0]
+    worse = [p["variant"] for p in pairs if p["t95_lo"] > 0]
+    open_ = [p["variant"] for p in pairs if p["variant"] not in better + worse]
+    out = ["**Verdict at this budget** (final test error against Euclidean kernels with batch "
+           "norm, paired by seed, 95 % interval):"]
+    out.append("lower error, resolved: " + (", ".join(better) if better else "none") + ";")
+    out.append("higher error, resolved: " + (", ".join(worse) if worse else "none") + ";")
+    out.append("not resolved: " + (", ".join(open_) if open_ else "none") + ".")
+    if not better:
+        out.append("No geometry beats the baseline measurably here.")
+    return " ".join(out)
+
+
 def _plt():
     import matplotlib
 
@@ -156,10 +172,14 @@ def report(args, rows, folder: Path) -> str:
         r["train_loss_rel_change_3"] = plateau(r["_summary"].get("history", []))
         r["plateaued"] = r["train_loss_rel_change_3"] < args.plateau
     write_csv(rows, folder / "runs.csv")
-    reduced = bool(args.train_subset or args.test_subset or args.image_size)
-    size = (f"{args.train_subset or 'all'} training / {args.test_subset or 'all'} test images"
-            + (f", resized to {args.image_size}x{args.image_size}" if args.image_size else ""))
-    title = f"Fashion-MNIST{' (reduced)' if reduced else ''}, resnet-digits, {args.epochs} ep."
+    reduced = bool(args.train_subset or args.test_subset)
+    size = (f"{args.train_subset or 'all 60,000'} training / {args.test_subset or 'all 10,000'}"
+            " test images"
+            + (f", downsampled from 28x28 to {args.image_size}x{args.image_size} (antialiased)"
+               if args.image_size else ", 28x28"))
+    title = (f"Fashion-MNIST{' (reduced)' if reduced else ''}"
+             + (f" {args.image_size}px" if args.image_size else "")
+             + f", resnet-digits, {args.epochs} ep.")
     by = {v: [r for r in rows if r["variant"] == v] for v in args.variants}
     runs_err = {v: [[h["test_error"] for h in r["_summary"]["history"]] for r in rs
                     if r["status"] == "completed"] for v, rs in by.items()}
@@ -181,7 +201,8 @@ def report(args, rows, folder: Path) -> str:
     minutes = sum(float(r["time_per_epoch"]) * int(r["epochs_done"]) for r in rows
                   if r["status"] == "completed") / 60
     lines = [
-        f"# Converged comparison: Fashion-MNIST{' — REDUCED' if reduced else ''}", "",
+        f"# Converged comparison: Fashion-MNIST{' — REDUCED' if reduced else ''}"
+        + (f", {args.image_size}x{args.image_size} images" if args.image_size else ""), "",
         f"- command: `{command_line()}`",
         f"- machine: {machine_line()}",
         f"- date: {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}",
@@ -189,7 +210,8 @@ def report(args, rows, folder: Path) -> str:
         f"- budget: {len(rows)} runs; {args.epochs} epochs, cosine schedule, lr {args.lr:g}, "
         f"momentum 0.9, batch {args.batch_size}, weight decay 5e-4 on Euclidean parameters, "
         f"default step rule; seeds {args.seeds}; training time summed over runs "
-        f"{minutes:.1f} min",
+        f"{minutes:.1f} min"
+        + (f" ({args.concurrent} runs at once)" if args.concurrent > 1 else ""),
         f"- plateau criterion: relative change of the training loss over the last 3 epochs "
         f"< {args.plateau:.0%}", "",
     ]
@@ -228,12 +250,14 @@ def report(args, rows, folder: Path) -> str:
                          + ", ".join(f"{float(x) * 100:+.2f}" for x in p["diffs"].split())
                          + " |")
         lines += ["", "An interval containing 0 means the difference is not resolved with "
-                  "these seeds at this budget.", "",
+                  "these seeds at this budget.", "", verdict(pairs), "",
                   "![test error](test_error.png)", "", "![training loss](train_loss.png)", "",
                   "![paired differences](paired.png)"]
     lines += ["", "Not measured here: other learning rates per geometry (one shared lr; see the "
               "learning-rate sweep for the sensitivity), data augmentation, larger models, "
-              "longer schedules." + (" The full 60k/10k, 28x28 run." if reduced else ""), ""]
+              "longer schedules."
+              + (" The full 60k/10k images." if reduced else "")
+              + (" The 28x28 images." if args.image_size else ""), ""]
     text = "\n".join(lines)
     (folder / "report.md").write_text(text)
     return text

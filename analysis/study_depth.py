@@ -14,6 +14,12 @@ Digits (full split)::
 
     python analysis/study_depth.py --out analysis/results/depth_digits --resume
 
+Fashion-MNIST subset (3,000 training / 1,000 test images at 14x14)::
+
+    python analysis/study_depth.py --dataset fashion-mnist --train-subset 3000 \
+        --test-subset 1000 --image-size 14 --lrs 0.1 --seeds 0 1 \
+        --out analysis/results/depth_fmnist_reduced --resume
+
 Writes ``runs.csv``, ``grad_norms.csv``, ``grad_norm_vs_layer.png``, ``train_loss.png`` and
 ``report.md`` to ``--out``.
 """
@@ -80,7 +86,8 @@ def build_runs(args) -> list[Run]:
             for lr in args.lrs:
                 for s in args.seeds:
                     cfg = TrainConfig(dataset=args.dataset, train_subset=args.train_subset,
-                                      test_subset=args.test_subset, model=f"plain-{d}",
+                                      test_subset=args.test_subset,
+                                      image_size=args.image_size, model=f"plain-{d}",
                                       geometry=g, epochs=args.epochs, lr=lr, seed=s,
                                       threads=args.threads, schedule="cosine")
                     runs.append(Run(run_name(f"d{d}", g, f"lr{lr:g}", f"s{s}"), cfg,
@@ -187,7 +194,10 @@ def report(args, runs, rows, folder: Path) -> str:
     minutes = sum(float(r["time_per_epoch"]) * int(r["epochs_done"]) for r in rows
                   if r["status"] == "completed") / 60
     lines = [
-        f"# Depth study: plain CNNs without batch norm on {args.dataset}", "",
+        f"# Depth study: plain CNNs without batch norm on {args.dataset}"
+        + (f" (train subset {args.train_subset}, test subset {args.test_subset})"
+           if args.train_subset or args.test_subset else "")
+        + (f", {args.image_size}x{args.image_size}" if args.image_size else ""), "",
         f"- command: `{command_line()}`",
         f"- machine: {machine_line()}",
         f"- date: {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}",
@@ -252,6 +262,8 @@ def main(argv=None) -> int:
     p.add_argument("--dataset", default="digits")
     p.add_argument("--train-subset", type=int, default=None)
     p.add_argument("--test-subset", type=int, default=None)
+    p.add_argument("--image-size", type=int, default=None,
+                   help="resize the images to this size (default: keep)")
     p.add_argument("--depths", nargs="+", type=int, default=[8, 20, 32])
     p.add_argument("--geometries", nargs="+", default=GEOMETRIES)
     p.add_argument("--lrs", nargs="+", type=float, default=[0.01, 0.1])

@@ -137,15 +137,20 @@ def test_converged_paired(tmp_path):
     assert study_converged.main([
         "--out", str(out), "--train-subset", "256", "--test-subset", "100", "--image-size",
         "8", "--epochs", "1", "--seeds", "0", "1", "--variants", "euclidean",
-        "euclidean (no batch norm)"]) == 0
+        "euclidean (no batch norm)", "--concurrent", "2"]) == 0
     rows = _check_csv(out / "runs.csv", 4)
+    # the images really are 8x8 (image_size was once ignored for in-memory data sets)
+    summary = json.loads((out / "runs" / "euclidean_s0" / "summary.json").read_text())
+    assert "28x28 -> 8x8" in summary["dataset_label"]
     assert {r["batch_norm"] for r in rows} == {"True", "False"}
     pairs = _rows(out / "paired.csv")
     assert len(pairs) == 1 and pairs[0]["n"] == "2"
     by = {(r["variant"], r["seed"]): float(r["final_test_error"]) for r in rows}
     diffs = [by[("euclidean (no batch norm)", s)] - by[("euclidean", s)] for s in ("0", "1")]
     assert float(pairs[0]["mean_diff"]) == pytest.approx(sum(diffs) / 2)
-    assert "REDUCED" in (out / "report.md").read_text()
+    md = (out / "report.md").read_text()
+    assert "REDUCED" in md and "downsampled from 28x28 to 8x8" in md
+    assert "**Verdict at this budget**" in md and "No geometry beats the baseline" in md
 
 
 @pytest.mark.data
