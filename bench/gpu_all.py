@@ -4,9 +4,11 @@
 
 Runs, on ``cuda``: one optimizer step on ResNet-50's and ResNet-20's parameters (sphere,
 oblique, Stiefel; ConvergentRSGD with its default backend, the Triton kernels where they
-apply, and with torch ops only; torch SGD foreach/fused and geoopt RiemannianSGD as anchors)
-and a ResNet-20 training step at batch 128.  Writes ``gpu_results.md`` into ``--out``
-(default ``$OUT`` or ``bench/``).
+apply, and with torch ops only; torch SGD foreach/fused and geoopt RiemannianSGD as anchors),
+training steps of ResNet-20 (batch 128, 32 px) and of ResNet-50 (batch 64, 224 px, bf16
+autocast, channels_last) with their peak memory against plain SGD.  Writes
+``gpu_results.md`` into ``--out`` (default ``$OUT`` or ``bench/``).  Launch counts need no
+GPU: ``bench/launches.py``.
 Exits with status 0 and a message when no CUDA device is present.
 """
 
@@ -45,6 +47,9 @@ def main(argv=None):
                          "--number", "20", "--threads", "0", "--markdown", str(out)])
     train_step.main(["--device", "cuda", "--repeat", "7", "--number", "10",
                      "--markdown", str(out)])
+    train_step.main(["--device", "cuda", "--model", "resnet50", "--batch", "64", "--image",
+                     "224", "--amp", "bf16", "--channels-last", "--repeat", "5", "--number",
+                     "5", "--markdown", str(out)])
     print(f"gpu_all: done in {time.time() - t:.0f} s; results in {out}")
     return 0
 
