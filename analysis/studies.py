@@ -271,6 +271,8 @@ def collect(study: str, runs: Iterable[Run], folder: str | Path) -> list[dict]:
                 "final_train_error": hist[-1]["train_error"] if hist else None,
                 "time_per_epoch": s["time_per_epoch"],
                 "max_constraint_error": s["max_constraint_error"],
+                # runs of versions that did not measure it have no path length
+                "path_length": s.get("path_length"),
                 "epochs_done": s["epochs_done"], "status": "completed",
                 "train_images": s["train_images"], "test_images": s["test_images"],
                 "_summary": s})
