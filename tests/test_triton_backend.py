@@ -166,15 +166,20 @@ def _stiefel_pair(spec="stiefel", dtype=torch.float32, seed=0):
     return net, copy.deepcopy(net)
 
 
-def _stiefel_compare(spec="stiefel", dtype=torch.float32, steps=3, scale=1.0, **kw):
+def _stiefel_compare(spec="stiefel", dtype=torch.float32, steps=3, scale=1.0,
+                     contiguous=False, swapped=False, **kw):
     ref, tri = _stiefel_pair(spec, dtype)
+    if swapped:  # kernels stored with the last two dimensions swapped (any strides work)
+        for p in tri.parameters():
+            if p.dim() == 4:
+                p.data = p.data.transpose(2, 3).contiguous().transpose(2, 3)
     o_ref = ConvergentRSGD(ref.parameters(), batched=False, stabilize=None, **kw)
     o_tri = ConvergentRSGD(tri.parameters(), backend="triton", stabilize=None, **kw)
     gen = torch.Generator().manual_seed(1)
     tol = dict(rtol=1e-10, atol=1e-12) if dtype == torch.float64 else dict(rtol=1e-4,
                                                                          atol=2e-5)
     for _ in range(steps):
-        _grads((ref, tri), gen, scale)
+        _grads((ref, tri), gen, scale, contiguous)
         o_ref.step()
         o_tri.step()
     for (name, a), b in zip(ref.named_parameters(), tri.parameters(), strict=True):
@@ -203,7 +208,11 @@ def test_stiefel_float32_matches_reference(rule, mom):
 
 
 def test_stiefel_slices_products_and_float64():
-    _stiefel_compare("stiefel-slice", lr=0.5, momentum=0.9)
+    _stiefel_compare("stiefel-slice", steps=2, lr=0.5, momentum=0.9)
+    # strided rows (blocks of input channels), swapped storage, gradients with other strides
+    _stiefel_compare("pi:2:stiefel", lr=0.5, momentum=0.9)
+    _stiefel_compare("stiefel-slice", torch.float64, steps=2, swapped=True,
+                     contiguous=True, lr=0.5, momentum=0.9)
     o = _stiefel_compare("po:sphere+stiefel", lr=0.5, momentum=0.9, nesterov=True)
     dp = next(iter(o._plan.devices.values()))
     assert dp.items and dp.stiefel_items  # sphere blocks by the sphere kernels
@@ -370,6 +379,28 @@ def test_launch_count_does_not_grow_with_depth(spec):
         counts[name] = ops + n
     assert counts["resnet20"] <= 40
     assert counts["resnet110"] <= 1.2 * counts["resnet20"]
+
+
+def test_stiefel_launch_count_resnets():
+    # Stiefel classes are the same for every CIFAR ResNet depth: equal counts
+    launches = _bench()
+    counts = {}
+    for name in ("resnet20", "resnet110"):
+        model = kernelgeo.models.get_model(name, num_classes=10, in_channels=3)
+        kernelgeo.constrain(model, "stiefel", on_invalid="skip")
+        ops, n = launches.count_step(launches.make_optimizer("triton", model), model)
+        counts[name] = ops + n
+    assert counts["resnet110"] == counts["resnet20"] <= 60
+
+
+@pytest.mark.slow
+def test_stiefel_launch_count_resnet50():
+    pytest.importorskip("torchvision")
+    launches = _bench()
+    model = kernelgeo.models.get_model("torchvision:resnet50", num_classes=1000, in_channels=3)
+    kernelgeo.constrain(model, "stiefel", on_invalid="skip")
+    ops, n = launches.count_step(launches.make_optimizer("triton", model), model)
+    assert ops + n <= 200
 
 
 @pytest.mark.parametrize("spec", ["sphere", "oblique"])

@@ -34,9 +34,18 @@ step rule :math:`g = \lambda/\max(1, \lambda\|d\|/c)` of
 projection of :math:`\lambda_{wd}x`, which is zero: like the fused CPU kernels the backend
 omits it.
 
+Stiefel blocks with the QR retraction (per filter or per slice, in products too) are
+updated on zero-padded stacks of a few classes (same :math:`p` and radius, :math:`n` within a
+factor 4): four Triton launches per (device, dtype) for the copies, momentum, step rule and
+:math:`M = X - g\,d`, and nine batched ATen ops per class for the products and the
+Cholesky-QR retraction (see :mod:`~kernelgeo.optim.stiefel_stack`), whatever the number of
+layers.
+
 Left to the torch path (:mod:`~kernelgeo.optim.batched`, in the same step, after the check):
-Stiefel and other kernels, non-dense kernels, dtypes other than float32/float64, parameters on
-foreign manifolds; Euclidean parameters use the optimizer's ``torch._foreach_*`` update.
+other kernels (Stiefel with the polar retraction, custom manifolds), sphere-like kernels that
+are not dense, Stiefel blocks whose row layout is not a view of the parameter, dtypes other
+than float32/float64, parameters on foreign manifolds; Euclidean parameters use the
+optimizer's ``torch._foreach_*`` update.
 Values are computed in double precision in registers (float32 data is loaded, converted and
 stored back rounded): sums of squares of float32 gradients cannot overflow.  float64 entries
 beyond ~1e154 are not rescaled.
