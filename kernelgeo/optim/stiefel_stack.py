@@ -12,25 +12,25 @@ launches over all classes of a (device, dtype):
 
 1. ``stiefel_gather`` (one launch): the points, gradients and momentum buffers of every block
    into the stacks ``X, G, B`` (one table row per item: addresses and row-layout strides);
-2. per class: :math:`A = X^\top G` (row layout: ``bmm(X, G^T)``), :math:`U = G - \mathrm{sym}(A)
-   X/r^2` (``add``, ``baddbmm``);
+2. per class: :math:`A = X^\top G` (row layout: ``bmm(X, G^T)``), :math:`u = G -
+   \mathrm{sym}(A) X/r^2` (``add``, ``baddbmm_``, in place of ``G``);
 3. ``stiefel_direction`` (one launch): momentum :math:`B \leftarrow u` (first step) or
    :math:`\mu B + (1-\tau)u`, the direction :math:`d` (:math:`u`, :math:`B`, or
    :math:`u + \mu B` for Nesterov) and per-tile partial sums of :math:`\|d\|^2`;
    ``stiefel_displace`` (one launch): :math:`\|d\|` of each block from its partial sums (a
    fixed order: deterministic), the step size :math:`g = \lambda/\max(1, \lambda\|d\|/c)` of
    :mod:`~kernelgeo.optim.step_rules` (the same formula and per-component cap :math:`c` as
-   the sphere kernels and the torch path), and :math:`M = X - g\,d` (in ``U``);
+   the sphere kernels and the torch path), and :math:`M = X - g\,d` (in ``G``);
 4. per class, the Cholesky-QR retraction: :math:`MM^\top = LL^\top` (``bmm``,
-   ``cholesky_ex``), :math:`Q = L^{-1}M` (``solve_triangular``; :math:`QQ^\top = I`, the new
-   point is :math:`rQ`), and the transport by projection :math:`B \leftarrow B -
+   ``cholesky_ex``), :math:`Q = L^{-1}M` (``solve_triangular`` into ``X``; :math:`QQ^\top =
+   I`, the new point is :math:`rQ`), and the transport by projection :math:`B \leftarrow B -
    \mathrm{sym}(Q B^\top)\,Q` (``bmm``, ``add``, ``baddbmm``);
 5. ``stiefel_scatter`` (one launch): :math:`rQ` and :math:`B` back into the parameters and
    the per-parameter state tensors.
 
 Zero padding of :math:`n` is exact: every product above contracts or maps along :math:`n`
 linearly, so padded columns of :math:`X, G, B` give zero columns of :math:`A`'s summands,
-:math:`U`, :math:`d`, :math:`M`, :math:`Q` and the transported :math:`B`, and add nothing to
+:math:`u`, :math:`d`, :math:`M`, :math:`Q` and the transported :math:`B`, and add nothing to
 the norms, to :math:`MM^\top` or to :math:`QB^\top`.  Cholesky-QR equals the sign-corrected
 Householder ``qf`` (the Cholesky factor is the unique positive-diagonal R factor); it is
 well conditioned because :math:`MM^\top = r^2 I + g^2 dd^\top \succeq r^2 I` for a tangent
@@ -46,6 +46,10 @@ i.e. for classes of at most 8 components), and every Triton launch covers all bl
 per-class views of the stacks are made once per plan, not per step.  A gradient whose
 strides differ from its parameter's is copied first (one op per such gradient, as in the
 sphere path; autograd produces gradients with the parameter's strides).
+
+Memory: the three stacks (plus ``(B, p, p)`` scratch per class) hold the padded size of all
+Stiefel kernels of a (device, dtype) each; padding adds at most a factor :data:`WASTE` per
+block (ResNet-50 with per-filter Stiefel kernels: 33.7M stack entries for 23.5M kernel entries).
 
 The momentum stays in the optimizer state as one tensor per block in the block's shape (the
 stacks are scratch space refilled every step): ``state``/``state_dict()`` are the usual
@@ -68,7 +72,8 @@ __all__ = ["StiefelItem", "StiefelStack", "item", "build", "run", "WASTE", "TILE
 
 #: largest ratio n_max / n of a block in a class (padding multiplies its flops by at most this)
 WASTE = 4
-#: entries of a stack per program of the elementwise kernels
+#: most entries of a stack per program of the elementwise kernels (fewer, the next power of
+#: two of the largest block, when every block of a (device, dtype) is smaller: slices)
 TILE = 2048
 #: partial sums read per iteration when a block's norm is assembled
 PART_BLOCK = 256
@@ -153,10 +158,9 @@ class StiefelStack:
     dtype: torch.dtype
     items: list
     classes: list
-    X: torch.Tensor
-    G: torch.Tensor
-    B: torch.Tensor
-    U: torch.Tensor
+    X: torch.Tensor  # point, then the retraction's Q
+    G: torch.Tensor  # gradient, then u, then M = X - g d
+    B: torch.Tensor  # momentum
     tiles: torch.Tensor
     blocks: torch.Tensor
     partial: torch.Tensor
@@ -164,6 +168,7 @@ class StiefelStack:
     info: torch.Tensor
     ntiles: int
     block_item: list  # item index of each global block
+    tile: int  # entries per program
     ftab_key: tuple | None = None
     ftab: torch.Tensor | None = None
     offsets: list = field(default_factory=list)  # byte offset of each item's block
@@ -195,6 +200,7 @@ def build(items: list, device: torch.device) -> list[StiefelStack]:
         if not its:
             continue
         classes = _classes(its)
+        tile = min(TILE, max(16, 1 << (max(c.p * c.nmax for c in classes) - 1).bit_length()))
         tiles, blocks, block_item = [], [], []
         off = 0
         for c in classes:
@@ -202,12 +208,12 @@ def build(items: list, device: torch.device) -> list[StiefelStack]:
             size = c.p * c.nmax
             for k, comp in c.blocks:
                 t0 = len(tiles)
-                tiles.extend((len(blocks), e, min(TILE, size - e)) for e in range(0, size, TILE))
+                tiles.extend((len(blocks), e, min(tile, size - e)) for e in range(0, size, tile))
                 blocks.append((k, comp, its[k].n, c.nmax, off, t0, len(tiles) - t0, 0))
                 block_item.append(k)
                 off += size
         kw = dict(dtype=dtype, device=device)
-        flat = [torch.zeros(off, **kw) for _ in range(4)]
+        flat = [torch.zeros(off, **kw) for _ in range(3)]
         nb = len(blocks)
         st = StiefelStack(
             device, dtype, its, classes, *flat,
@@ -216,13 +222,13 @@ def build(items: list, device: torch.device) -> list[StiefelStack]:
             partial=torch.zeros(len(tiles), dtype=torch.float64, device=device),
             flags=torch.zeros(nb, dtype=torch.int32, device=device),
             info=torch.zeros(nb, dtype=torch.int32, device=device),
-            ntiles=len(tiles), block_item=block_item)
+            ntiles=len(tiles), block_item=block_item, tile=tile)
         for c in classes:
             nb_c = len(c.blocks)
             shp = (nb_c, c.p, c.nmax)
             v = {k: getattr(st, k)[c.off:c.off + nb_c * c.p * c.nmax].view(shp)
-                 for k in "XGBU"}
-            v["GT"], v["BT"], v["UT"] = v["G"].mT, v["B"].mT, v["U"].mT
+                 for k in "XGB"}
+            v["GT"], v["BT"] = v["G"].mT, v["B"].mT
             for k in ("A", "S", "L"):
                 v[k] = torch.zeros(nb_c, c.p, c.p, **kw)
             v["AT"] = v["A"].mT
@@ -283,21 +289,21 @@ def run(opt, st: StiefelStack, launch, kernels) -> None:
     is64 = st.dtype == torch.float64
     grid = (st.ntiles,)
     launch(kernels["st_gather"], grid, st.tiles, itab, st.blocks, st.X, st.G, st.B,
-           IS64=is64, TILE=TILE)
-    for c in st.classes:  # U = G - sym(X^T G) X / r^2 in the row layout
+           IS64=is64, TILE=st.tile)
+    for c in st.classes:  # u = G - sym(X^T G) X / r^2 in the row layout, in G
         v = c.views
         torch.bmm(v["X"], v["GT"], out=v["A"])
         torch.add(v["A"], v["AT"], out=v["S"])
-        torch.baddbmm(v["G"], v["S"], v["X"], alpha=-0.5 / (c.r * c.r), out=v["U"])
-    launch(kernels["st_direction"], grid, st.tiles, st.blocks, st.ftab, st.U, st.B,
-           st.partial, TILE=TILE)
-    launch(kernels["st_displace"], grid, st.tiles, st.blocks, st.ftab, st.X, st.U, st.B,
-           st.partial, st.flags, TILE=TILE, PB=PART_BLOCK)
-    for c in st.classes:  # Q = L^{-1} M, M M^T = L L^T: the unit-radius QR factor, in G
+        v["G"].baddbmm_(v["S"], v["X"], alpha=-0.5 / (c.r * c.r))
+    launch(kernels["st_direction"], grid, st.tiles, st.blocks, st.ftab, st.G, st.B,
+           st.partial, TILE=st.tile)
+    launch(kernels["st_displace"], grid, st.tiles, st.blocks, st.ftab, st.X, st.G, st.B,
+           st.partial, st.flags, TILE=st.tile, PB=PART_BLOCK)
+    for c in st.classes:  # Q = L^{-1} M, M M^T = L L^T: the unit-radius QR factor, in X
         v = c.views
-        torch.bmm(v["U"], v["UT"], out=v["A"])
+        torch.bmm(v["G"], v["GT"], out=v["A"])
         torch.linalg.cholesky_ex(v["A"], out=(v["L"], v["info"]))
-        torch.linalg.solve_triangular(v["L"], v["U"], upper=False, out=v["G"])
+        torch.linalg.solve_triangular(v["L"], v["G"], upper=False, out=v["X"])
     lrmax = max(float(it.group["lr"]) for it in st.items)
     long_ = [c for c in st.classes if not lrmax * opt._dbound <= 3.0 * c.r]
     if long_:
@@ -306,13 +312,13 @@ def run(opt, st: StiefelStack, launch, kernels) -> None:
         for c in long_:
             if any(bad[c.b0:c.b0 + len(c.blocks)]):
                 v = c.views
-                v["G"].copy_(_qf(v["U"].mT).mT)
+                v["X"].copy_(_qf(v["G"].mT).mT)
     if any(it.buf is not None for it in st.items):
         for c in st.classes:  # B <- B - sym(Q B^T) Q (Q at unit radius)
             v = c.views
-            torch.bmm(v["G"], v["BT"], out=v["A"])
+            torch.bmm(v["X"], v["BT"], out=v["A"])
             torch.add(v["A"], v["AT"], out=v["S"])
-            v["B"].baddbmm_(v["S"], v["G"], alpha=-0.5)
-    launch(kernels["st_scatter"], grid, st.tiles, itab, st.blocks, st.ftab, st.G, st.B,
-           IS64=is64, TILE=TILE)
+            v["B"].baddbmm_(v["S"], v["X"], alpha=-0.5)
+    launch(kernels["st_scatter"], grid, st.tiles, itab, st.blocks, st.ftab, st.X, st.B,
+           IS64=is64, TILE=st.tile)
     st.keep = (itab, keep)  # alive until the kernels have read them
