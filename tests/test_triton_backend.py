@@ -159,18 +159,18 @@ def _stiefel_net(dtype=torch.float32):
                          nn.Conv2d(3, 9, 1)).to(dtype)
 
 
-def _stiefel_pair(spec="stiefel", dtype=torch.float32, seed=0, small=False):
+def _stiefel_pair(spec="stiefel", dtype=torch.float32, seed=0, small=False, mkw=None):
     torch.manual_seed(seed)
     # slices: few of them (the interpreter runs one program per block)
     net = nn.Sequential(nn.Conv2d(2, 3, 3), nn.Conv2d(2, 2, (1, 3)),
                         nn.Conv2d(1, 2, (3, 2))).to(dtype) if small else _stiefel_net(dtype)
-    kernelgeo.constrain(net, spec, on_invalid="skip")
+    kernelgeo.constrain(net, spec, on_invalid="skip", **(mkw or {}))
     return net, copy.deepcopy(net)
 
 
 def _stiefel_compare(spec="stiefel", dtype=torch.float32, steps=3, scale=1.0,
-                     contiguous=False, swapped=False, small=False, **kw):
-    ref, tri = _stiefel_pair(spec, dtype, small=small)
+                     contiguous=False, swapped=False, small=False, mkw=None, **kw):
+    ref, tri = _stiefel_pair(spec, dtype, small=small, mkw=mkw)
     if swapped:  # kernels stored with the last two dimensions swapped (any strides work)
         for p in tri.parameters():
             if p.dim() == 4:
@@ -219,6 +219,11 @@ def test_stiefel_slices_products_and_float64():
     dp = next(iter(o._plan.devices.values()))
     assert dp.items and dp.stiefel_items  # sphere blocks by the sphere kernels
     _stiefel_compare("stiefel", torch.float64, lr=0.2, momentum=0.9, dampening=0.1)
+    # radius r sqrt(n): one class per radius
+    o = _stiefel_compare("stiefel", mkw=dict(radius=0.5, radius_scale="fan_in"), lr=0.5,
+                         momentum=0.9)
+    dp = next(iter(o._plan.devices.values()))
+    assert sorted(c.nmax for st in dp.stiefel for c in st.classes) == [3, 4, 15, 20, 27, 72]
 
 
 def test_stiefel_long_steps_and_weight_decay(monkeypatch):
