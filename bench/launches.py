@@ -12,7 +12,9 @@ kernels on CPU tensors: the C calls are not counted, only the ATen ops around th
 Triton kernels are counted at launch and, with ``--execute`` off (the default), not run: the
 interpreter would take minutes on ResNet-50; their results are tested in
 ``tests/test_triton_backend.py``.  The ATen ops that read the finiteness flag see a zero
-flag then, as after a finite gradient.
+flag then, as after a finite gradient.  Stiefel steps are counted as steps known to be short
+(the optimizer's bounds show every step below 3r, as with these gradients): a step that is
+not adds one synchronisation (two ops) reading the retraction's flags.
 
     python bench/launches.py [--models resnet20 resnet110 resnet50] [--manifolds sphere ...]
         [--markdown FILE] [--execute]

@@ -149,9 +149,160 @@ def test_state_dict_round_trip():
         torch.testing.assert_close(b, a, rtol=1e-10, atol=1e-12)
 
 
-def test_stiefel_falls_back_to_torch_path():
-    o = _compare("stiefel", torch.float64, lr=0.2, momentum=0.9)
-    assert not any(dp.items for dp in o._plan.devices.values())
+# ------------------------------------------------------------------------ Stiefel kernels
+def _stiefel_net(dtype=torch.float32):
+    """Stiefel blocks of several classes: p = 8 (n = 27), p = 4 as 3 groups of a 1x1 conv
+    (out > in: n = 4) and in n = 72 and 20 (one class, padded to 72), p = 7 (n = 15), and
+    O(3) blocks (n = p = 3)."""
+    return nn.Sequential(nn.Conv2d(3, 8, 3), nn.Conv2d(4, 12, 1), nn.Conv2d(8, 4, 3),
+                         nn.Conv2d(5, 4, 2), nn.Conv2d(5, 7, (1, 3)),
+                         nn.Conv2d(3, 9, 1)).to(dtype)
+
+
+def _stiefel_pair(spec="stiefel", dtype=torch.float32, seed=0, small=False, mkw=None):
+    torch.manual_seed(seed)
+    # slices: few of them (the interpreter runs one program per block)
+    net = nn.Sequential(nn.Conv2d(2, 3, 3), nn.Conv2d(2, 2, (1, 3)),
+                        nn.Conv2d(1, 2, (3, 2))).to(dtype) if small else _stiefel_net(dtype)
+    kernelgeo.constrain(net, spec, on_invalid="skip", **(mkw or {}))
+    return net, copy.deepcopy(net)
+
+
+def _stiefel_compare(spec="stiefel", dtype=torch.float32, steps=3, scale=1.0,
+                     contiguous=False, swapped=False, small=False, mkw=None, **kw):
+    ref, tri = _stiefel_pair(spec, dtype, small=small, mkw=mkw)
+    if swapped:  # kernels stored with the last two dimensions swapped (any strides work)
+        for p in tri.parameters():
+            if p.dim() == 4:
+                p.data = p.data.transpose(2, 3).contiguous().transpose(2, 3)
+    o_ref = ConvergentRSGD(ref.parameters(), batched=False, stabilize=None, **kw)
+    o_tri = ConvergentRSGD(tri.parameters(), backend="triton", stabilize=None, **kw)
+    gen = torch.Generator().manual_seed(1)
+    tol = dict(rtol=1e-10, atol=1e-12) if dtype == torch.float64 else dict(rtol=1e-4,
+                                                                         atol=2e-5)
+    for _ in range(steps):
+        _grads((ref, tri), gen, scale, contiguous)
+        o_ref.step()
+        o_tri.step()
+    for (name, a), b in zip(ref.named_parameters(), tri.parameters(), strict=True):
+        torch.testing.assert_close(b, a, **tol, msg=lambda m, n=name: f"{n}: {m}")
+        sa, sb = o_ref.state[a], o_tri.state[b]
+        assert sa.keys() == sb.keys(), name
+        for key in sa:
+            va, vb = sa[key], sb[key]
+            for x, y in zip(va if isinstance(va, list) else [va],
+                            vb if isinstance(vb, list) else [vb], strict=True):
+                assert y.shape == x.shape
+                torch.testing.assert_close(y, x, **tol, msg=lambda m, n=name: f"{n}: {m}")
+    dp = next(iter(o_tri._plan.devices.values()))
+    assert dp.stiefel_items and not any(ch.kind == "stiefel" for gp in o_tri._plan.fallback
+                                        for ch in gp.chunks)
+    return o_tri
+
+
+@pytest.mark.parametrize("rule,mom", GRID, ids=["none", "bounded", "plain", "momentum",
+                                                 "nesterov", "dampening"])
+def test_stiefel_float32_matches_reference(rule, mom):
+    o = _stiefel_compare(lr=0.5, step_rule=rule, **mom)
+    dp = next(iter(o._plan.devices.values()))
+    classes = [(c.p, c.nmax, len(c.blocks)) for st in dp.stiefel for c in st.classes]
+    assert sorted(classes) == [(3, 3, 3), (4, 4, 3), (4, 72, 2), (7, 15, 1), (8, 27, 1)]
+
+
+def test_stiefel_slices_products_and_float64():
+    _stiefel_compare("stiefel-slice", small=True, lr=0.5, momentum=0.9)
+    # strided rows (blocks of input channels), swapped storage, gradients with other strides
+    _stiefel_compare("pi:2:stiefel", lr=0.5, momentum=0.9)
+    _stiefel_compare("stiefel-slice", torch.float64, small=True, swapped=True,
+                     contiguous=True, lr=0.5, momentum=0.9)
+    o = _stiefel_compare("po:sphere+stiefel", lr=0.5, momentum=0.9, nesterov=True)
+    dp = next(iter(o._plan.devices.values()))
+    assert dp.items and dp.stiefel_items  # sphere blocks by the sphere kernels
+    _stiefel_compare("stiefel", torch.float64, lr=0.2, momentum=0.9, dampening=0.1)
+    # radius r sqrt(n): one class per radius
+    o = _stiefel_compare("stiefel", mkw=dict(radius=0.5, radius_scale="fan_in"), lr=0.5,
+                         momentum=0.9)
+    dp = next(iter(o._plan.devices.values()))
+    assert sorted(c.nmax for st in dp.stiefel for c in st.classes) == [3, 4, 15, 20, 27, 72]
+
+
+def test_stiefel_long_steps_and_weight_decay(monkeypatch):
+    # rule "none" with a large lr: steps longer than 3r take the checked path (one
+    # synchronisation; Householder QR for the flagged classes); weight decay on the
+    # manifold has a zero tangent part (omitted here, computed by the reference)
+    from kernelgeo.optim import stiefel_stack
+
+    calls = []
+    qf = stiefel_stack._qf
+    monkeypatch.setattr(stiefel_stack, "_qf", lambda m: (calls.append(m.shape), qf(m))[1])
+    _stiefel_compare("stiefel", torch.float64, lr=20.0, step_rule="none", momentum=0.9)
+    assert len(calls) == 15  # every class at every step
+    calls.clear()
+    _stiefel_compare("stiefel", torch.float64, scale=1e-3, lr=0.1, momentum=0.9,
+                     weight_decay=0.1, decay_manifold=True)
+    assert not calls
+
+
+def test_stiefel_state_dict_round_trip():
+    ref, tri = _stiefel_pair("po:sphere+stiefel", torch.float64)
+    kw = dict(lr=0.3, momentum=0.9, stabilize=None)
+    o_ref = ConvergentRSGD(ref.parameters(), batched=False, **kw)
+    o_tri = ConvergentRSGD(tri.parameters(), backend="triton", **kw)
+    gen = torch.Generator().manual_seed(3)
+    for i in range(3):
+        if i == 2:  # a fresh optimizer from the saved state
+            sd = o_tri.state_dict()
+            for st in sd["state"].values():  # the blocks' own tensors, no shared storage
+                for t in st.get("momentum_blocks", []):
+                    assert t.untyped_storage().nbytes() == t.numel() * t.element_size()
+            sd = copy.deepcopy(sd)
+            o_tri = ConvergentRSGD(tri.parameters(), backend="triton", **kw)
+            o_tri.load_state_dict(sd)
+        _grads((ref, tri), gen)
+        o_ref.step()
+        o_tri.step()
+    for a, b in zip(ref.parameters(), tri.parameters(), strict=True):
+        torch.testing.assert_close(b, a, rtol=1e-10, atol=1e-12)
+        for x, y in zip(o_ref.state[a].get("momentum_blocks", []),
+                        o_tri.state[b].get("momentum_blocks", []), strict=True):
+            torch.testing.assert_close(y, x, rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+def test_stiefel_nonfinite_gradient_writes_nothing(bad):
+    net, _ = _stiefel_pair()
+    opt = ConvergentRSGD(net.named_parameters(), lr=0.5, momentum=0.9, backend="triton")
+    gen = torch.Generator().manual_seed(0)
+    _grads((net,), gen)
+    opt.step()
+    _grads((net,), gen)
+    net[2].weight.grad.view(-1)[5] = bad
+    before = [p.detach().clone() for p in net.parameters()]
+    bufs = [t.clone() for st in opt.state.values() for t in st.get("momentum_blocks", [])]
+    with pytest.raises(NonFiniteGradientError, match="2"):
+        opt.step()
+    assert all(torch.equal(p, q) for p, q in zip(net.parameters(), before, strict=True))
+    after = [t for st in opt.state.values() for t in st.get("momentum_blocks", [])]
+    assert len(after) == 6 and all(torch.equal(a, b) for a, b in zip(after, bufs,
+                                                                      strict=True))
+
+
+def test_stiefel_launch_count_does_not_grow_with_layers():
+    # stacked classes: 3x or 1x the same layers give the same number of ops and launches
+    def count(reps):
+        torch.manual_seed(0)
+        net = nn.Sequential(*[m for _ in range(reps) for m in (
+            nn.Conv2d(4, 6, 3), nn.Conv2d(6, 6, 1), nn.Conv2d(4, 12, 1))])
+        kernelgeo.constrain(net, "stiefel")
+        opt = ConvergentRSGD(net.parameters(), lr=0.1, momentum=0.9, backend="triton")
+        launches = _bench()
+        return launches.count_step(opt, net)
+
+    one, three = count(1), count(3)
+    assert one == three
+    # per class (p = 6: n = 36 and 6 apart; p = 4): 9 ATen ops, 4 Triton launches in all
+    ops, n = one
+    assert n == 5 and ops <= 3 * 9 + 12
 
 
 def test_one_launch_per_tile_class():
@@ -237,6 +388,28 @@ def test_launch_count_does_not_grow_with_depth(spec):
     assert counts["resnet110"] <= 1.2 * counts["resnet20"]
 
 
+def test_stiefel_launch_count_resnets():
+    # Stiefel classes are the same for every CIFAR ResNet depth: equal counts
+    launches = _bench()
+    counts = {}
+    for name in ("resnet20", "resnet110"):
+        model = kernelgeo.models.get_model(name, num_classes=10, in_channels=3)
+        kernelgeo.constrain(model, "stiefel", on_invalid="skip")
+        ops, n = launches.count_step(launches.make_optimizer("triton", model), model)
+        counts[name] = ops + n
+    assert counts["resnet110"] == counts["resnet20"] <= 60
+
+
+@pytest.mark.slow
+def test_stiefel_launch_count_resnet50():
+    pytest.importorskip("torchvision")
+    launches = _bench()
+    model = kernelgeo.models.get_model("torchvision:resnet50", num_classes=1000, in_channels=3)
+    kernelgeo.constrain(model, "stiefel", on_invalid="skip")
+    ops, n = launches.count_step(launches.make_optimizer("triton", model), model)
+    assert ops + n <= 200
+
+
 @pytest.mark.parametrize("spec", ["sphere", "oblique"])
 def test_launch_count_resnet50(spec):
     pytest.importorskip("torchvision")
@@ -293,6 +466,17 @@ cases = [(k.sphere_short, T, dict(BC=256, BA=8, IS64=False)),
                            "big": "fp32"}, dict(IS64=False, BLOCK=1024, NB=16)),
          (k.check_finite, {"chunks": P, "ttab": P, "out": "*fp64", "out0": "i32",
                            "big": "fp32"}, dict(IS64=True, BLOCK=1024, NB=16))]
+for dt, is64 in (("*fp32", False), ("*fp64", True)):
+    cases += [
+        (k.stiefel_gather, {"tiles": P, "itab": P, "blocks": P, "X": dt, "G": dt, "B": dt},
+         dict(IS64=is64, TILE=2048)),
+        (k.stiefel_direction, {"tiles": P, "blocks": P, "ftab": "*fp64", "U": dt, "B": dt,
+                               "partial": "*fp64"}, dict(TILE=2048)),
+        (k.stiefel_displace, {"tiles": P, "blocks": P, "ftab": "*fp64", "X": dt, "U": dt,
+                              "B": dt, "partial": "*fp64", "flags": "*i32"},
+         dict(TILE=2048, PB=256)),
+        (k.stiefel_scatter, {"tiles": P, "itab": P, "blocks": P, "ftab": "*fp64", "Q": dt,
+                             "B": dt}, dict(IS64=is64, TILE=2048))]
 for fn, sig, const in cases:
     sig = dict(sig, **{c: "constexpr" for c in const})
     out = triton.compile(ASTSource(fn=fn, signature=sig, constexprs=const),

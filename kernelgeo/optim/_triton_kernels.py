@@ -169,3 +169,122 @@ def check_finite(chunks, ttab, out, out0, big, IS64: tl.constexpr, BLOCK: tl.con
         v = tl.load(p + off, mask=off < n, other=0.0).to(tl.float64)
         m = tl.maximum(m, tl.where(v == v, tl.abs(v), big))
     tl.store(out + out0 + pid, tl.max(m, 0))
+
+
+# ------------------------------------------------------------------ stacked Stiefel blocks
+# (kernelgeo.optim.stiefel_stack).  One program per tile of TILE consecutive entries of one
+# stacked block (its row layout X^T, (p, nmax), zero-padded from n to nmax columns).
+# tiles: (gb, first entry in the block, entries); blocks: (item, component, n, nmax,
+# offset in the stacks, first tile, tiles); itab: per item the addresses and row-layout
+# strides (component, row, column) of the point, gradient and momentum buffer; ftab: per
+# block lr, cap, r, momentum, dampening and a flags word (rule, fresh, buffer, Nesterov).
+@triton.jit
+def _stiefel_tile(tiles, blocks, t, TILE: tl.constexpr):
+    gb = tl.load(tiles + 3 * t)
+    e0 = tl.load(tiles + 3 * t + 1)
+    cnt = tl.load(tiles + 3 * t + 2)
+    bb = blocks + 8 * gb
+    item = tl.load(bb)
+    comp = tl.load(bb + 1)
+    n = tl.load(bb + 2)
+    nmax = tl.load(bb + 3)
+    soff = tl.load(bb + 4)
+    t0 = tl.load(bb + 5)
+    nt = tl.load(bb + 6)
+    ar = tl.arange(0, TILE)
+    e = e0 + ar.to(tl.int64)
+    m = ar < cnt
+    i = e // nmax
+    j = e - i * nmax
+    return gb, item, comp, n, soff, t0, nt, e, m, i, j
+
+
+@triton.jit
+def _stiefel_item(itab, item, IS64: tl.constexpr):
+    ib = itab + 16 * item
+    if IS64:
+        pt = tl.pointer_type(tl.float64)
+    else:
+        pt = tl.pointer_type(tl.float32)
+    xp = tl.load(ib).to(pt)
+    gp = tl.load(ib + 1).to(pt)
+    bp = tl.load(ib + 2).to(pt)
+    return xp, gp, bp, ib
+
+
+@triton.jit
+def _stiefel_hyper(ftab, gb):
+    fb = ftab + 8 * gb
+    fl = tl.load(fb + 5).to(tl.int32)
+    return (tl.load(fb), tl.load(fb + 1), tl.load(fb + 2), tl.load(fb + 3), tl.load(fb + 4),
+            (fl & 1) != 0, (fl & 2) != 0, (fl & 4) != 0, (fl & 8) != 0)
+
+
+@triton.jit
+def stiefel_gather(tiles, itab, blocks, X, G, B, IS64: tl.constexpr, TILE: tl.constexpr):
+    # stacks <- point, gradient, buffer (row layout); the padding columns j >= n get zeros
+    gb, item, comp, n, soff, t0, nt, e, m, i, j = _stiefel_tile(tiles, blocks,
+                                                                tl.program_id(0), TILE)
+    xp, gp, bp, ib = _stiefel_item(itab, item, IS64)
+    hasb = tl.load(ib + 12) != 0
+    v = m & (j < n)
+    xo = comp * tl.load(ib + 3) + i * tl.load(ib + 4) + j * tl.load(ib + 5)
+    go = comp * tl.load(ib + 6) + i * tl.load(ib + 7) + j * tl.load(ib + 8)
+    bo = comp * tl.load(ib + 9) + i * tl.load(ib + 10) + j * tl.load(ib + 11)
+    tl.store(X + soff + e, tl.load(xp + xo, mask=v, other=0.0), mask=m)
+    tl.store(G + soff + e, tl.load(gp + go, mask=v, other=0.0), mask=m)
+    tl.store(B + soff + e, tl.load(bp + bo, mask=v & hasb, other=0.0), mask=m)
+
+
+@triton.jit
+def stiefel_direction(tiles, blocks, ftab, U, B, partial, TILE: tl.constexpr):
+    # B <- u (fresh) or mu B + (1 - dampening) u; partial[t] = this tile's sum of d^2
+    t = tl.program_id(0)
+    gb, item, comp, n, soff, t0, nt, e, m, i, j = _stiefel_tile(tiles, blocks, t, TILE)
+    lr, cap, r, mu, damp, rule, fresh, hasb, nest = _stiefel_hyper(ftab, gb)
+    u = tl.load(U + soff + e, mask=m, other=0.0).to(tl.float64)
+    mb = m & hasb
+    b = tl.load(B + soff + e, mask=mb, other=0.0).to(tl.float64)
+    bn = tl.where(fresh, u, mu * b + (1.0 - damp) * u)
+    tl.store(B + soff + e, bn.to(B.dtype.element_ty), mask=mb)
+    d = tl.where(hasb, tl.where(nest, u + mu * bn, bn), u)
+    tl.store(partial + t, tl.sum(d * d, 0))
+
+
+@triton.jit
+def stiefel_displace(tiles, blocks, ftab, X, U, B, partial, flags, TILE: tl.constexpr,
+                     PB: tl.constexpr):
+    # U <- M = X - g d, g the step rule's size from |d| (the block's partial sums); flags[gb]
+    # = the step is longer than 3r (the Cholesky-QR retraction then needs checking)
+    t = tl.program_id(0)
+    gb, item, comp, n, soff, t0, nt, e, m, i, j = _stiefel_tile(tiles, blocks, t, TILE)
+    lr, cap, r, mu, damp, rule, fresh, hasb, nest = _stiefel_hyper(ftab, gb)
+    acc = tl.zeros([PB], dtype=tl.float64)
+    for s in range(0, nt, PB):
+        k = s + tl.arange(0, PB)
+        acc += tl.load(partial + t0 + k, mask=k < nt, other=0.0)
+    rn = tl.sqrt(tl.sum(acc, 0))
+    stp = _step_size(rn, lr, cap, rule)
+    x = tl.load(X + soff + e, mask=m, other=0.0).to(tl.float64)
+    u = tl.load(U + soff + e, mask=m, other=0.0).to(tl.float64)
+    bn = tl.load(B + soff + e, mask=m & hasb, other=0.0).to(tl.float64)
+    d = tl.where(hasb, tl.where(nest, u + mu * bn, bn), u)
+    tl.store(U + soff + e, (x - stp * d).to(U.dtype.element_ty), mask=m)
+    tl.store(flags + gb, (stp * rn > 3.0 * r).to(tl.int32), mask=t == t0)
+
+
+@triton.jit
+def stiefel_scatter(tiles, itab, blocks, ftab, Q, B, IS64: tl.constexpr,
+                    TILE: tl.constexpr):
+    # point <- r Q (Q: the unit-radius retraction), buffer <- B; padding columns not written
+    gb, item, comp, n, soff, t0, nt, e, m, i, j = _stiefel_tile(tiles, blocks,
+                                                                tl.program_id(0), TILE)
+    xp, gp, bp, ib = _stiefel_item(itab, item, IS64)
+    hasb = tl.load(ib + 12) != 0
+    r = tl.load(ftab + 8 * gb + 2)
+    v = m & (j < n)
+    xo = comp * tl.load(ib + 3) + i * tl.load(ib + 4) + j * tl.load(ib + 5)
+    bo = comp * tl.load(ib + 9) + i * tl.load(ib + 10) + j * tl.load(ib + 11)
+    q = tl.load(Q + soff + e, mask=v, other=0.0).to(tl.float64)
+    tl.store(xp + xo, (r * q).to(xp.dtype.element_ty), mask=v)
+    tl.store(bp + bo, tl.load(B + soff + e, mask=v & hasb, other=0.0), mask=v & hasb)

@@ -178,8 +178,8 @@ class ConvergentRSGD(RiemannianSGD):
     backend : {"auto", "torch", "native", "triton"}
         Implementation of the batched step: ``"torch"`` (torch ops only), ``"native"`` (as
         ``native=True``), ``"triton"`` (:mod:`~kernelgeo.optim.triton_backend`: a few Triton
-        launches per step for sphere, centred-sphere and oblique kernels; Stiefel and other
-        kernels keep the torch path; CUDA tensors, or CPU tensors under
+        launches per step for sphere, centred-sphere, oblique and Stiefel (QR retraction)
+        kernels; other kernels keep the torch path; CUDA tensors, or CPU tensors under
         ``TRITON_INTERPRET=1``); ``"auto"`` (default): Triton for CUDA parameters when it can
         be imported, the fused CPU kernels on the CPU, torch ops otherwise.  With
         ``log_stats`` or ``batched=False`` the torch path is used.

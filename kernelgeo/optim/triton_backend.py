@@ -34,9 +34,18 @@ step rule :math:`g = \lambda/\max(1, \lambda\|d\|/c)` of
 projection of :math:`\lambda_{wd}x`, which is zero: like the fused CPU kernels the backend
 omits it.
 
+Stiefel blocks with the QR retraction (per filter or per slice, in products too) are
+updated on zero-padded stacks of a few classes (same :math:`p` and radius, :math:`n` within a
+factor 4): four Triton launches per (device, dtype) for the copies, momentum, step rule and
+:math:`M = X - g\,d`, and nine batched ATen ops per class for the products and the
+Cholesky-QR retraction (see :mod:`~kernelgeo.optim.stiefel_stack`), whatever the number of
+layers.
+
 Left to the torch path (:mod:`~kernelgeo.optim.batched`, in the same step, after the check):
-Stiefel and other kernels, non-dense kernels, dtypes other than float32/float64, parameters on
-foreign manifolds; Euclidean parameters use the optimizer's ``torch._foreach_*`` update.
+other kernels (Stiefel with the polar retraction, custom manifolds), sphere-like kernels that
+are not dense, Stiefel blocks whose row layout is not a view of the parameter, dtypes other
+than float32/float64, parameters on foreign manifolds; Euclidean parameters use the
+optimizer's ``torch._foreach_*`` update.
 Values are computed in double precision in registers (float32 data is loaded, converted and
 stored back rounded): sums of squares of float32 gradients cannot overflow.  float64 entries
 beyond ~1e154 are not rescaled.
@@ -55,6 +64,7 @@ import torch
 
 from ..manifolds import KernelProduct
 from . import batched as bt
+from . import stiefel_stack as ss
 from .rsgd import _nblocks
 from .step_rules import rule_constants
 
@@ -85,7 +95,9 @@ def _import():
         else:
             from . import _triton_kernels as k
 
-            _TRITON = {"short": k.sphere_short, "long": k.sphere_long, "check": k.check_finite}
+            _TRITON = {"short": k.sphere_short, "long": k.sphere_long, "check": k.check_finite,
+                       "st_gather": k.stiefel_gather, "st_direction": k.stiefel_direction,
+                       "st_displace": k.stiefel_displace, "st_scatter": k.stiefel_scatter}
     return _TRITON
 
 
@@ -177,6 +189,8 @@ class _DevicePlan:
     launches: list = field(default_factory=list)
     offsets: list = field(default_factory=list)  # byte offset of each item in its parameter
     chunks: dict = field(default_factory=dict)  # check work lists by gradient sizes
+    stiefel_items: list = field(default_factory=list)  # stiefel_stack.StiefelItem
+    stiefel: list = field(default_factory=list)  # stiefel_stack.StiefelStack per dtype
 
 
 @dataclass
@@ -209,9 +223,11 @@ def _build_plan(opt, sig) -> TritonPlan:
                 continue
             dp = devices.setdefault(p.device, _DevicePlan(p.device))
             for nm in mems:
+                stf = isinstance(nm, ss.StiefelItem)
                 if group["momentum"]:
-                    bt.attach_native_momentum(nm, opt.state, new_bufs)
-                dp.items.append((group, nm))
+                    (ss.attach_momentum if stf else bt.attach_native_momentum)(
+                        nm, opt.state, new_bufs)
+                (dp.stiefel_items if stf else dp.items).append((group, nm))
         gp = bt.build_group_plan(group, opt.state, chunk_numel=opt.chunk_numel,
                                  max_step=group["max_step"], has_grad=rest, native=False)
         for ch in gp.chunks:
@@ -224,26 +240,35 @@ def _build_plan(opt, sig) -> TritonPlan:
     bt.attach_scratch([ch for gp in fallback for ch in gp.chunks])
     for dp in devices.values():
         _tile(dp)
+        dp.stiefel = ss.build([it for _, it in dp.stiefel_items], dp.device)
     safety = []
     for group, gp in zip(opt.param_groups, fallback, strict=True):
-        mine = [nm for dp in devices.values() for g, nm in dp.items if g is group]
+        mine = [nm for dp in devices.values() for g, nm in dp.items + dp.stiefel_items
+                if g is group]
         safety.append(bt.GroupPlan([], gp.chunks, [], mine))
     return TritonPlan(devices, euclid, fallback, safety)
 
 
 def _kernel_items(group, i, p, m) -> list | None:
-    """The items of a kernel (one per block), or None when one block is not handled."""
+    """The items of a kernel (one per block: sphere-like ``NativeMember`` or
+    ``StiefelItem``), or None when one block is not handled."""
     blocks = m.blocks(p.shape) if isinstance(m, KernelProduct) else [(m, None)]
     out = []
     for b, (bm, bidx) in enumerate(blocks):
         bidx = None if bidx is None or len(blocks) == 1 else bidx
         shape = tuple(p.shape) if bidx is None else KernelProduct._sub(p.shape, bidx)
         lay = bt._Layout(bt._kind(bm), bm, shape)
+        consts = rule_constants(group["step_rule"], lay.m, lay.shape, rho=group["rho"],
+                                max_step=group["max_step"])
+        if lay.kind == "stiefel":
+            it = ss.item(group, i, p, lay, consts, b, bidx)
+            if it is None:
+                return None
+            out.append(it)
+            continue
         ts = _tile_shape(lay, p.detach() if bidx is None else p.detach()[bidx])
         if ts is None:
             return None
-        consts = rule_constants(group["step_rule"], lay.m, lay.shape, rho=group["rho"],
-                                max_step=group["max_step"])
         out.append(bt.NativeMember(p, i, lay, consts, *ts, block=b, bidx=bidx))
     return out
 
@@ -383,7 +408,7 @@ def step(opt) -> bool:
             grads_by_dev.setdefault(ps[i].device, []).append(ps[i].grad)
     for dp in plan.devices.values():
         seen = set()
-        for _, nm in dp.items:
+        for _, nm in dp.items + dp.stiefel_items:
             if id(nm.param) not in seen:  # the blocks of a product: their whole gradient
                 seen.add(id(nm.param))
                 grads_by_dev.setdefault(dp.device, []).append(nm.param.grad)
@@ -404,6 +429,10 @@ def step(opt) -> bool:
         return done
     keep: list = []
     for dp in plan.devices.values():
+        for st in dp.stiefel:
+            ss.run(opt, st, _launch, _TRITON)
+        if dp.stiefel_items:
+            _publish(opt, dp.stiefel_items)
         if not dp.items:
             continue
         itab, ftab = _item_tables(opt, dp, keep)
@@ -416,21 +445,27 @@ def step(opt) -> bool:
             else:
                 _launch(_TRITON["long"], (ln.ntiles,), dp.tiles, itab, ftab, ln.tile0,
                         BA=ln.ba, IS64=is64, num_warps=4)
-        # raw writes bypass autograd's version counters: bump them like an in-place op
-        touched = list({id(nm.param): nm.param for _, nm in dp.items}.values())
-        touched += [nm.buf for _, nm in dp.items if nm.buf is not None]
-        torch.autograd.graph.increment_version(touched)
-        for _, nm in dp.items:
-            if nm.fresh and nm.buf is not None:
-                st = opt.state[nm.param]
-                blocks = st.setdefault("momentum_blocks", [None] * _nblocks(nm.param))
-                blocks[nm.block] = nm.buf
-            nm.fresh = False
+        _publish(opt, dp.items)
         dp.keep = (itab, ftab, keep)  # alive until the kernels have read them
     for group, eu, gp in zip(opt.param_groups, plan.euclid, plan.fallback, strict=True):
         opt._euclid_foreach(group, eu)
         _fallback_step(opt, group, gp)
     return True
+
+
+def _publish(opt, items) -> None:
+    """After the launches that wrote ``items``: version counters, and new buffers into the
+    state."""
+    # raw writes bypass autograd's version counters: bump them like an in-place op
+    touched = list({id(nm.param): nm.param for _, nm in items}.values())
+    touched += [nm.buf for _, nm in items if nm.buf is not None]
+    torch.autograd.graph.increment_version(touched)
+    for _, nm in items:
+        if nm.fresh and nm.buf is not None:
+            st = opt.state[nm.param]
+            blocks = st.setdefault("momentum_blocks", [None] * _nblocks(nm.param))
+            blocks[nm.block] = nm.buf
+        nm.fresh = False
 
 
 def _fallback_step(opt, group, gp) -> None:
