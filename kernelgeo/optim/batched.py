@@ -58,7 +58,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from ..manifolds import Euclidean, KernelManifold, KernelProduct, Oblique, RowSphere, Stiefel
+from ..manifolds import Euclidean, KernelManifold, KernelProduct
 from ..manifolds.oblique import _slice_matrix
 from ..manifolds.stiefel import _qf
 from . import native as _native
@@ -88,16 +88,15 @@ def classify(p: torch.Tensor):
     return "foreign", m
 
 
-def _is_fast_sphere(m) -> bool:
-    # RowSphere subclasses whose only change is the layout (and optionally centring)
-    return isinstance(m, RowSphere) and type(m)._bproju is RowSphere._bproju and \
-        type(m)._bretr is RowSphere._bretr
-
-
 def _kind(m: KernelManifold) -> str:
-    if _is_fast_sphere(m):
+    """The update a (non-product) kernel manifold gets, from its declared batched layout
+    (:meth:`~kernelgeo.manifolds.KernelManifold.effective_batched_layout`): ``"sphere"``
+    (rows, or uncentred columns), ``"stiefel"`` (frames with the QR retraction) or
+    ``"generic"`` (the manifold's own batched primitives)."""
+    layout = m.effective_batched_layout()
+    if layout == "rows" or (layout == "columns" and not m.batched_centered):
         return "sphere"
-    if isinstance(m, Stiefel) and m.retraction == "qr" and type(m)._bretr is Stiefel._bretr:
+    if layout == "matrices" and getattr(m, "retraction", None) == "qr":
         return "stiefel"
     return "generic"
 
@@ -117,8 +116,8 @@ class _Layout:
         self.center = False
         self.soa = False
         if kind == "sphere":
-            self.center = type(m)._center is not RowSphere._center
-            if isinstance(m, Oblique) and m.per == "column" and not self.center:
+            self.center = bool(m.batched_centered)
+            if m.batched_layout == "columns":
                 a, b = _slice_matrix(shape)
                 # gathered/scattered by transposing copies into the SoA workspace (a, b*N)
                 self.tail, self.dim, self.soa = (a * b,), 0, True
@@ -126,7 +125,7 @@ class _Layout:
             else:
                 self.tail, self.dim = tuple(m.point_shape(shape)), -1
         elif kind == "stiefel":
-            g, n, p = m._np(shape)
+            n, p = m.point_shape(shape)
             if m.per == "filter":
                 self.tail = (p, n)  # kernel.reshape(G, p, n) is X^T: the row layout
             else:
@@ -760,22 +759,22 @@ def generic_prepare(chunk: Chunk, x, g, h: Hyper):
     m, r = chunk.layout.m, chunk.layout.r
     if h.wd:
         g = g + h.wd * x
-    u = m._bproju(x, g, r)
+    u = m.batched_proju(x, g, r)
     return u, u
 
 
 def generic_apply(chunk: Chunk, x, u, h: Hyper, stats: list | None):
     m, r = chunk.layout.m, chunk.layout.r
     d = _momentum(chunk, u, h) if h.momentum > 0 else u
-    rn = m._binner(x, d, d).clamp_min(0).sqrt()
+    rn = m.batched_inner(x, d, d).clamp_min(0).sqrt()
     step = step_sizes(h.lr, rn, chunk.consts)
     v = -step.view((-1,) + (1,) * (d.dim() - 1)) * d
     if x.dtype in _HALF:  # retractions factorise (QR, SVD): float32, as torch has no half
-        xn = m._bretr(x.float(), v.float(), r).to(x.dtype)
+        xn = m.batched_retr(x.float(), v.float(), r).to(x.dtype)
     else:
-        xn = m._bretr(x, v, r)
+        xn = m.batched_retr(x, v, r)
     if h.momentum > 0:
-        chunk.buf.copy_(m._btransp(x, xn, chunk.buf, r))
+        chunk.buf.copy_(m.batched_transp(x, xn, chunk.buf, r))
         if chunk.buf_param is not None:  # layout was a copy: publish into the state tensor
             chunk.buf_param.copy_(chunk.layout.to_shape(chunk.buf, chunk.members[0].shape))
     if stats is not None:

@@ -38,7 +38,7 @@ import warnings
 import torch
 
 from .._compat import RiemannianSGD
-from ..manifolds import KernelProduct, RowSphere, Stiefel
+from ..manifolds import KernelProduct, Stiefel
 from ..manifolds.stiefel import _qf
 from . import batched as bt
 from . import native as _native
@@ -658,13 +658,13 @@ class ConvergentRSGD(RiemannianSGD):
             gs = gr / sc
             if decay:
                 gs = gs + (wd / sc) * x
-            u = bm._bproju(x, gs, r)
+            u = bm.batched_proju(x, gs, r)
             if mu:
                 nb = u.clone() if b0 is None else (b0 / sc).mul_(mu).add_(u, alpha=1 - damp)
                 d = u.add(nb, alpha=mu) if group["nesterov"] else nb
             else:
                 d = u
-            rn_s = bm._binner(x, d, d).clamp_min(0).sqrt()
+            rn_s = bm.batched_inner(x, d, d).clamp_min(0).sqrt()
             # the rule sees the true norm (float64: finite for any float32 data; a float64
             # norm beyond its range refuses the step)
             rn = rn_s * sc
@@ -678,13 +678,13 @@ class ConvergentRSGD(RiemannianSGD):
                 coef = torch.where(pos, torch.minimum(a, r / rn_s.clamp_min(1e-300)), 0.0)
                 tinv = torch.where(pos, torch.clamp(r / (a * rn_s), max=1.0), 1.0)
                 tinv = torch.nan_to_num(tinv, nan=1.0)
-                xn = bm._bretr(x * tinv.view(shape_b), -coef.view(shape_b) * d, r)
+                xn = bm.batched_retr(x * tinv.view(shape_b), -coef.view(shape_b) * d, r)
             else:
-                xn = bm._bretr(x, -a.view(shape_b) * d, r)
+                xn = bm.batched_retr(x, -a.view(shape_b) * d, r)
             commits.append(("copy", psub, None, bm.from_batch(xn, shape).to(p.dtype), name,
                             "value", p))
             if mu:
-                nbt = bm._btransp(x, xn, nb, r) * sc
+                nbt = bm.batched_transp(x, xn, nb, r) * sc
                 nb_new = bm.from_batch(nbt, shape).to(p.dtype).contiguous()
                 if old is not None:
                     commits.append(("copy", old, None, nb_new, name, "momentum", p))
@@ -1229,10 +1229,10 @@ def _norm64(t: torch.Tensor) -> float:
 
 
 def _scale_invariant(m) -> bool:
-    """Whether ``m._bretr(x, u, r)`` depends on ``x + u`` only up to positive scaling (the
-    metric projections of spheres and the QR/polar factors of Stiefel manifolds)."""
-    return (isinstance(m, RowSphere) and type(m)._bretr is RowSphere._bretr) or \
-        (isinstance(m, Stiefel) and type(m)._bretr is Stiefel._bretr)
+    """Whether ``m.batched_retr(x, u, r)`` depends on ``x + u`` only up to positive scaling:
+    every declared batched layout promises it (the metric projections of spheres, the QR and
+    polar factors of Stiefel frames; see :class:`~kernelgeo.manifolds.KernelManifold`)."""
+    return m.effective_batched_layout() is not None
 
 
 def _reproject(m, x):

@@ -1,0 +1,134 @@
+"""The batched-layout declaration of kernel manifolds selects the optimizer's fused updates.
+
+A manifold's ``batched_layout`` declares which fused update computes its maths; a subclass that
+overrides a batched primitive without declaring again must be updated by the generic path
+with its own maths (an overridden projection is never bypassed by the fused sphere kernels).
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from kernelgeo._compat import geoopt
+from kernelgeo.manifolds import (
+    BATCHED_LAYOUTS,
+    CenteredSphere,
+    Euclidean,
+    KernelProduct,
+    Oblique,
+    Sphere,
+    Stiefel,
+)
+from kernelgeo.optim import ConvergentRSGD, native
+from kernelgeo.optim import batched as bt
+
+
+class _CountingSphere(Sphere):
+    """The sphere's maths, with the projection overridden (and counted), no declaration."""
+
+    calls = 0
+
+    def _bproju(self, x, u, r):
+        type(self).calls += 1
+        return super()._bproju(x, u, r)
+
+
+class _DeclaredSphere(_CountingSphere):
+    """The same override, declared: the subclass vouches that its maths is the sphere's."""
+
+    batched_layout = "rows"
+
+
+class _CentringSphere(Sphere):
+    """A projection that differs from the sphere's: the gradient is centred first (without
+    declaring it, so the fused kernels would silently drop the centring)."""
+
+    def _bproju(self, x, u, r):
+        u = u - u.mean(-1, keepdim=True)
+        return u - ((x * u).sum(-1, keepdim=True) / (r * r)) * x
+
+
+def test_shipped_declarations():
+    assert BATCHED_LAYOUTS == ("rows", "columns", "matrices")
+    cases = [(Sphere(), "rows", False), (CenteredSphere(), "rows", True),
+             (Oblique(), "columns", False), (Oblique(per="slice"), "rows", False),
+             (Stiefel(), "matrices", False), (Stiefel(retraction="polar"), "matrices", False),
+             (Euclidean(), None, False)]
+    for m, layout, centred in cases:
+        assert m.batched_layout == layout and m.effective_batched_layout() == layout
+        assert m.batched_centered is centred
+    kinds = [bt._kind(m) for m, _, _ in cases]
+    assert kinds == ["sphere", "sphere", "sphere", "sphere", "stiefel", "generic", "generic"]
+
+
+def test_override_without_declaration_is_generic():
+    assert _CountingSphere().batched_layout == "rows"  # inherited, but not in effect
+    assert _CountingSphere().effective_batched_layout() is None
+    assert bt._kind(_CountingSphere()) == "generic"
+    assert _DeclaredSphere().effective_batched_layout() == "rows"
+    assert bt._kind(_DeclaredSphere()) == "sphere"
+
+
+def test_replacing_a_primitive_on_the_class_is_generic(monkeypatch):
+    m = Sphere()
+    assert bt._kind(m) == "sphere"
+    orig = Sphere._bretr
+    monkeypatch.setattr(Sphere, "_bretr", lambda self, x, u, r: orig(self, x, u, r))
+    assert m.effective_batched_layout() is None and bt._kind(m) == "generic"
+
+
+def test_invalid_declaration_is_refused():
+    class Bad(Sphere):
+        batched_layout = "diagonal"
+
+    with pytest.raises(ValueError, match="batched_layout='diagonal'"):
+        Bad().effective_batched_layout()
+
+
+def _sgd(m, shape, backend, gen, steps=3, **kw):
+    p = geoopt.ManifoldParameter(m.random(shape, dtype=torch.float64, generator=gen),
+                                 manifold=m)
+    opt = ConvergentRSGD([p], lr=0.3, momentum=0.9, backend=backend, **kw)
+    for _ in range(steps):
+        p.grad = torch.randn(shape, dtype=torch.float64, generator=gen)
+        opt.step()
+    return p, opt
+
+
+@pytest.mark.parametrize("backend", ["torch", "auto"])
+def test_overriding_subclass_takes_the_generic_path(backend):
+    """The fused sphere path (torch ops or C kernels) does not run for an undeclared override:
+    its projection is called, and the iterates are those of its own maths (the reference
+    path, the oracle)."""
+    shape = (6, 3, 3, 3)
+    _CountingSphere.calls = 0
+    p, opt = _sgd(_CountingSphere(), shape, backend, torch.Generator().manual_seed(0))
+    assert _CountingSphere.calls >= 3
+    assert all(ch.kind == "generic" for gp in opt._plan for ch in gp.chunks)
+    assert not any(gp.native for gp in opt._plan)
+
+    m = _CentringSphere()
+    fast, _ = _sgd(m, shape, backend, torch.Generator().manual_seed(1))
+    ref, _ = _sgd(m, shape, backend, torch.Generator().manual_seed(1), batched=False)
+    torch.testing.assert_close(fast, ref, rtol=1e-12, atol=1e-12)
+    # the sphere's own maths (the fused path) would not centre the gradient: different iterates
+    sph, _ = _sgd(Sphere(), shape, backend, torch.Generator().manual_seed(1))
+    assert (sph - fast).abs().max() > 1e-3
+
+
+def test_declared_subclass_takes_the_fused_path():
+    shape = (6, 3, 3, 3)
+    _DeclaredSphere.calls = 0
+    p, opt = _sgd(_DeclaredSphere(), shape, "torch", torch.Generator().manual_seed(0))
+    assert [ch.kind for gp in opt._plan for ch in gp.chunks] == ["sphere"]
+    assert _DeclaredSphere.calls == 0  # the closed form of the fused update instead
+    if native.available():
+        _, opt = _sgd(_DeclaredSphere(), shape, "native", torch.Generator().manual_seed(0))
+        assert sum(len(gp.native) for gp in opt._plan) == 1
+
+
+def test_product_blocks_follow_their_own_declaration():
+    m = KernelProduct([Sphere(), _CountingSphere()], partition="out")
+    _, opt = _sgd(m, (8, 3, 3, 3), "torch", torch.Generator().manual_seed(2))
+    assert sorted(ch.kind for gp in opt._plan for ch in gp.chunks) == ["generic", "sphere"]
