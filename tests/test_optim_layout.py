@@ -132,3 +132,73 @@ def test_product_blocks_follow_their_own_declaration():
     m = KernelProduct([Sphere(), _CountingSphere()], partition="out")
     _, opt = _sgd(m, (8, 3, 3, 3), "torch", torch.Generator().manual_seed(2))
     assert sorted(ch.kind for gp in opt._plan for ch in gp.chunks) == ["generic", "sphere"]
+
+
+# ------------------------------------------------------------ step-rule table and C interface
+def test_rule_codes_come_from_the_table():
+    from kernelgeo.optim.step_rules import (
+        DEFAULT_MAX_STEP,
+        KERNEL_CAPPED,
+        KERNEL_UNCAPPED,
+        RULES,
+        STEP_RULES,
+        rule_constants,
+    )
+
+    assert RULES == tuple(STEP_RULES) == ("gsgd", "bounded", "none")
+    assert KERNEL_CAPPED != KERNEL_UNCAPPED
+    shape = (4, 3, 3, 3)
+    for rule in RULES:
+        c = rule_constants(rule, Sphere(), shape)
+        capped = STEP_RULES[rule].radius is not None
+        assert c.code == (KERNEL_CAPPED if capped else KERNEL_UNCAPPED)
+        assert c.kernel_cap == (c.cap if capped else 1.0)
+    # gsgd on a unit sphere: theta * pi / 2 (the convexity-radius bound), independently
+    c = rule_constants("gsgd", Sphere(), shape)
+    assert c.cap == pytest.approx(DEFAULT_MAX_STEP * torch.pi / 2, rel=1e-15)
+    flat = rule_constants("gsgd", Euclidean(), shape)
+    assert flat.code == KERNEL_UNCAPPED and flat.kernel_cap == 1.0
+
+
+def test_c_header_is_generated_from_the_definitions():
+    from kernelgeo.optim.step_rules import KERNEL_CAPPED, KERNEL_UNCAPPED
+
+    h = native.c_header()
+    assert f"#define KG_RULE_CAPPED {KERNEL_CAPPED} " in h
+    assert f"#define KG_RULE_UNCAPPED {KERNEL_UNCAPPED} " in h
+    body = h[h.index("typedef struct {"):h.index("} kg_item;")]
+    names = [ln.split("/*")[0].strip().rstrip(";").split()[-1].lstrip("*")
+             for ln in body.splitlines()[1:]]
+    assert names == [f[0] for f in native.ITEM_FIELDS] == [f[0] for f in native.Item._fields_]
+
+
+@pytest.mark.skipif(not native.available(), reason="no native kernels")
+def test_library_reports_the_structure_it_was_built_with(tmp_path, monkeypatch):
+    """The loaded library's kg_item agrees with the ctypes structure; a library built from
+    another definition (fields swapped) is refused before any step could use it."""
+    import ctypes
+
+    native.check_abi(native.load())
+
+    class Swapped(ctypes.Structure):
+        _fields_ = [(n, t) for n, t in native.Item._fields_]
+        _fields_[5], _fields_[8] = _fields_[8], _fields_[5]
+
+    with pytest.raises(native.AbiMismatchError, match="kg_item layout"):
+        native.check_abi(native.load(), Swapped)
+    # a stale library: compiled from a header whose struct has two fields swapped
+    good = native.c_header()
+    bad = good.replace("    int64_t nblk;", "    int64_t TMP;").replace(
+        "    int32_t center;", "    int64_t nblk;").replace("    int64_t TMP;",
+                                                            "    int32_t center;")
+    assert bad != good
+    monkeypatch.setattr(native, "c_header", lambda: bad)
+    out = tmp_path / "stale.so"
+    native._build(native._compiler(), ["-O0", "-std=c11", "-fPIC", "-shared"], out)
+    lib = ctypes.CDLL(str(out))
+    lib.kg_abi.argtypes = [ctypes.POINTER(ctypes.c_int64), ctypes.c_int64]
+    lib.kg_abi.restype = ctypes.c_int64
+    with pytest.raises(native.AbiMismatchError):
+        native.check_abi(lib)
+    with pytest.raises(native.AbiMismatchError):
+        native._bind(lib)

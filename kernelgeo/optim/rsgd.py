@@ -43,7 +43,7 @@ from ..manifolds.stiefel import _qf
 from . import batched as bt
 from . import native as _native
 from .schedules import GuaranteeWarning, check_robbins_monro
-from .step_rules import RULES, check_rule_args, rule_constants, step_sizes
+from .step_rules import DEFAULT_MAX_STEP, RULES, check_rule_args, rule_constants, step_sizes
 
 __all__ = ["ConvergentRSGD", "NonFiniteGradientError", "StepOverflowError"]
 
@@ -230,7 +230,8 @@ class ConvergentRSGD(RiemannianSGD):
     """
 
     def __init__(self, params, lr, momentum=0, dampening=0, weight_decay=0, nesterov=False, *,
-                 step_rule: str = "gsgd", rho: float | None = None, max_step: float = 0.5,
+                 step_rule: str = "gsgd", rho: float | None = None,
+                 max_step: float = DEFAULT_MAX_STEP,
                  radius_scaling=None, stabilize: int | None = 100, nonfinite: str = "raise",
                  decay_manifold: bool = False, batched: bool = True, log_stats: bool = False,
                  guarantee: bool = False, chunk_numel: int = 1 << 18,
@@ -315,7 +316,7 @@ class ConvergentRSGD(RiemannianSGD):
         rule = param_group.get("step_rule", self.defaults["step_rule"])
         if rule not in RULES:
             raise ValueError(f"unknown step_rule {rule!r}; use one of {RULES}")
-        check_rule_args(param_group.get("rho"), param_group.get("max_step", 0.5))
+        check_rule_args(param_group.get("rho"), param_group.get("max_step", DEFAULT_MAX_STEP))
         _check_hyper(f"param_groups[{len(self.param_groups)}]: ", param_group)
         super().add_param_group(param_group)
         self._plan = None
@@ -982,8 +983,7 @@ class ConvergentRSGD(RiemannianSGD):
                     it.b = None if nm.buf is None else nm.buf.data_ptr()
                     it.nblk, it.a, it.s = nm.nblk, nm.a, nm.s
                     it.center, it.r = int(nm.layout.center), float(nm.layout.r)
-                    it.rule = int(math.isfinite(c.cap))  # 0: g = lr, 1: capped at c.cap
-                    it.cap = c.cap if it.rule else 1.0
+                    it.rule, it.cap = c.code, c.kernel_cap  # the step_rules table's codes
                 # like torch's own CPU kernels, use its threads for large steps (one part per
                 # thread, at least NATIVE_GRAIN entries each; kernels are never split)
                 numel = sum(nm.nblk * nm.a * nm.s for nm in mems)
