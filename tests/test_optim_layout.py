@@ -202,3 +202,25 @@ def test_library_reports_the_structure_it_was_built_with(tmp_path, monkeypatch):
         native.check_abi(lib)
     with pytest.raises(native.AbiMismatchError):
         native._bind(lib)
+
+
+def test_momentum_state_is_written_in_one_module():
+    """Only kernelgeo.optim.momentum binds tensors into state[p]["momentum_*"] (the Triton
+    backend, maintained separately, publishes its own new buffers in the same format)."""
+    import re
+    from pathlib import Path
+
+    import kernelgeo.optim as pkg
+
+    root = Path(pkg.__file__).parent
+    write = re.compile(r"""\[\s*["']momentum_(blocks|buffer)["']\s*\]\s*=(?!=)|"""
+                       r"""setdefault\(\s*["']momentum_|blocks\[[^\]]+\]\s*=(?!=)|"""
+                       r"""\bbl\[[^\]]+\]\s*=(?!=)""")
+    offenders = []
+    for f in sorted(root.rglob("*.py")):
+        if f.name in ("momentum.py", "triton_backend.py", "adam.py"):
+            continue
+        for i, line in enumerate(f.read_text().splitlines(), 1):
+            if write.search(line.split("#")[0]):
+                offenders.append(f"{f.relative_to(root)}:{i}: {line.strip()}")
+    assert offenders == []

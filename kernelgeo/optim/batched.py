@@ -61,6 +61,7 @@ import torch
 from ..manifolds import Euclidean, KernelManifold, KernelProduct
 from ..manifolds.oblique import _slice_matrix
 from ..manifolds.stiefel import _qf
+from . import momentum as mom
 from . import native as _native
 from .step_rules import RuleConstants, rule_constants, step_sizes
 
@@ -428,8 +429,8 @@ def _attach_soa_momentum(chunk: Chunk, state, new_bufs: dict) -> None:
     storage = torch.zeros_like(chunk.ws_x)
     fresh_rows, fresh_members, pairs = [], [], ([], [])
     for mem, off, nr in chunk.soa_cols:
-        blocks = state[mem.param].get("momentum_blocks")
-        if blocks is None or blocks[mem.block] is None:
+        buf = mom.kernel_block(state, mem.param, mem.block)
+        if buf is None:
             key = (id(mem.param), mem.block)
             if key not in new_bufs:
                 new_bufs[key] = torch.zeros(mem.shape, dtype=storage.dtype,
@@ -438,9 +439,9 @@ def _attach_soa_momentum(chunk: Chunk, state, new_bufs: dict) -> None:
             fresh_members.append((mem, buf))
             fresh_rows.append(torch.ones(nr, dtype=torch.bool))
         else:
-            buf = blocks[mem.block]
             if not buf.is_contiguous():  # row ranges of a split block need rows
-                buf = blocks[mem.block] = buf.contiguous()
+                buf = buf.contiguous()
+                mom.set_kernel_block(state, mem.param, mem.block, buf)
             _ws_view(mem, storage, off, nr).copy_(_soa_view(mem, lay, buf, True))
             fresh_rows.append(torch.zeros(nr, dtype=torch.bool))
         pairs[0].append(_soa_view(mem, lay, buf, True))
@@ -470,10 +471,9 @@ def attach_momentum(chunk: Chunk, state, new_bufs: dict) -> None:
         return
     if len(mems) == 1:
         mem = mems[0]
-        st = state[mem.param]
-        blocks = st.get("momentum_blocks")
+        buf = mom.kernel_block(state, mem.param, mem.block)
         key = (id(mem.param), mem.block)
-        if blocks is None or blocks[mem.block] is None:
+        if buf is None:
             if key not in new_bufs:
                 new_bufs[key] = torch.zeros(mem.shape, dtype=mem.param.dtype,
                                             device=mem.param.device)
@@ -481,10 +481,9 @@ def attach_momentum(chunk: Chunk, state, new_bufs: dict) -> None:
             chunk.fresh = True
             chunk.fresh_members = [(mem, buf)]
         else:
-            buf = blocks[mem.block]
             if not buf.is_contiguous():
                 buf = buf.contiguous()
-                blocks[mem.block] = buf
+                mom.set_kernel_block(state, mem.param, mem.block, buf)
             chunk.fresh = None
         v = lay.view(buf)
         chunk.buf_param = buf if not _shares(v, buf) else None
@@ -498,14 +497,13 @@ def attach_momentum(chunk: Chunk, state, new_bufs: dict) -> None:
         n = math.prod(mem.shape)
         dst = flat[off:off + n].view(mem.shape)
         off += n
-        st = state[mem.param]
-        blocks = st.get("momentum_blocks")
-        if blocks is None or blocks[mem.block] is None:
+        old = mom.kernel_block(state, mem.param, mem.block)
+        if old is None:
             fresh_members.append((mem, dst))
             fresh_rows.append(torch.ones(mem.nrows, dtype=torch.bool))
         else:
-            dst.copy_(blocks[mem.block])
-            blocks[mem.block] = dst
+            dst.copy_(old)
+            mom.set_kernel_block(state, mem.param, mem.block, dst)
             fresh_rows.append(torch.zeros(mem.nrows, dtype=torch.bool))
     chunk.storage = flat
     chunk.buf = lay.view(flat)
@@ -522,25 +520,23 @@ def attach_native_momentum(nm: NativeMember, state, new_bufs: dict) -> None:
     """The state tensor itself is the buffer the fused kernel updates (with the strides of the
     parameter's block, so that entries correspond one to one)."""
     x = nm.sub(nm.param.detach())
-    blocks = state[nm.param].get("momentum_blocks")
-    if blocks is None or blocks[nm.block] is None:
+    buf = mom.kernel_block(state, nm.param, nm.block)
+    if buf is None:
         key = (id(nm.param), nm.block)
         if key not in new_bufs:
             new_bufs[key] = torch.zeros_like(x)  # preserves the block's strides
         nm.buf, nm.fresh = new_bufs[key], True
     else:
-        buf = blocks[nm.block]
         if buf.stride() != x.stride() or buf.dtype != x.dtype:
-            buf = blocks[nm.block] = torch.empty_like(x).copy_(buf)
+            buf = torch.empty_like(x).copy_(buf)
+            mom.set_kernel_block(state, nm.param, nm.block, buf)
         nm.buf, nm.fresh = buf, False
 
 
 def commit_fresh(chunk: Chunk, state, nblocks) -> None:
     """After the first successful step of new buffers, publish them in the state."""
     for mem, buf in chunk.fresh_members:
-        st = state[mem.param]
-        blocks = st.setdefault("momentum_blocks", [None] * nblocks(mem.param))
-        blocks[mem.block] = buf
+        mom.set_kernel_block(state, mem.param, mem.block, buf, nblocks(mem.param))
     chunk.fresh_members = []
     chunk.fresh = None
 

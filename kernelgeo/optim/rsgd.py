@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import math
 import warnings
+from functools import partial
 
 import torch
 
@@ -41,6 +42,7 @@ from .._compat import RiemannianSGD
 from ..manifolds import KernelProduct, Stiefel
 from ..manifolds.stiefel import _qf
 from . import batched as bt
+from . import momentum as mom
 from . import native as _native
 from .schedules import GuaranteeWarning, check_robbins_monro
 from .step_rules import DEFAULT_MAX_STEP, RULES, check_rule_args, rule_constants, step_sizes
@@ -409,7 +411,7 @@ class ConvergentRSGD(RiemannianSGD):
                     t = bm.proju(psub.detach(), bl[b])
                     off = _norm64(t - bl[b])
                     if off > rtol * _norm64(bl[b]):
-                        bl[b] = t.contiguous()
+                        mom.set_kernel_block(self.state, p, b, t.contiguous())
 
     def set_schedule(self, scheduler) -> bool:
         """Register the LR scheduler used; checks the Robbins–Monro conditions (warns)."""
@@ -569,11 +571,7 @@ class ConvergentRSGD(RiemannianSGD):
         for _, _, _, new, name, what, p in commits:
             if isinstance(new, torch.Tensor) and not bool(torch.isfinite(new).all()):
                 return self._overflow(name, what, p)
-        for op, target, key, new, *_ in commits:
-            if op == "copy":
-                target.copy_(new)
-            elif op == "set":
-                target[key] = new
+        _apply_commits(commits)
         self._bound = None  # buffers changed outside the fast path's bookkeeping
         if stats is not None:
             self._publish_stats(stats)
@@ -587,12 +585,11 @@ class ConvergentRSGD(RiemannianSGD):
         if wd:
             g = g.add(x, alpha=wd)
         if mu:
-            st = self.state[p]
-            buf = st.get("momentum_buffer")
+            buf = mom.euclid_buffer(self.state, p)
             if buf is None:
                 nb = g.clone()
-                commits.append(("set", st, "momentum_buffer", nb.to(dt), name,
-                                "momentum buffer", p))
+                commits.append(("state", partial(mom.set_euclid_buffer, self.state, p), None,
+                                nb.to(dt), name, "momentum buffer", p))
             else:
                 nb = buf.double().mul_(mu).add_(g, alpha=1 - damp)
                 commits.append(("copy", buf, None, nb.to(dt), name, "momentum buffer", p))
@@ -609,14 +606,13 @@ class ConvergentRSGD(RiemannianSGD):
         mu, damp = group["momentum"], group["dampening"]
         u = m.egrad2rgrad(p, p.grad.clone())
         if mu:
-            st = self.state[p]
-            buf = st.get("momentum_buffer")
+            buf = mom.euclid_buffer(self.state, p)
             nb = u.clone() if buf is None else buf.mul(mu).add_(u, alpha=1 - damp)
             d = u.add(nb, alpha=mu) if group["nesterov"] else nb
             new, nbuf = m.retr_transp(p, -group["lr"] * d, nb)
             if buf is None:
-                commits.append(("set", st, "momentum_buffer", nbuf, name, "momentum buffer",
-                                p))
+                commits.append(("state", partial(mom.set_euclid_buffer, self.state, p), None,
+                                nbuf, name, "momentum buffer", p))
             else:
                 commits.append(("copy", buf, None, nbuf, name, "momentum buffer", p))
         else:
@@ -630,12 +626,8 @@ class ConvergentRSGD(RiemannianSGD):
         if mult is not None:
             lr = lr * float(mult)
         blocks = m.blocks(p.shape) if isinstance(m, KernelProduct) else [(m, None)]
-        st = self.state[p]
-        bl = st.get("momentum_blocks") if mu else None
-        new_bl = None
-        if mu and bl is None:
-            new_bl = [None] * len(blocks)
-            commits.append(("set", st, "momentum_blocks", new_bl, name, "momentum", p))
+        bl = mom.kernel_blocks(self.state, p)  # (creates the state entry, as torch's SGD)
+        bl = bl if mu else None
         wd = group["weight_decay"]
         for b, (bm, bidx) in enumerate(blocks):
             bidx = None if bidx is None or len(blocks) == 1 else bidx
@@ -690,8 +682,9 @@ class ConvergentRSGD(RiemannianSGD):
                 if old is not None:
                     commits.append(("copy", old, None, nb_new, name, "momentum", p))
                 else:
-                    target = new_bl if new_bl is not None else bl
-                    commits.append(("set", target, b, nb_new, name, "momentum", p))
+                    setter = partial(mom.set_kernel_block, self.state, p, b,
+                                     nblocks=len(blocks))
+                    commits.append(("state", setter, None, nb_new, name, "momentum", p))
             if stats is not None:
                 stats.setdefault(id(group), []).append(
                     (rn.to(p.dtype), g.to(p.dtype), consts))
@@ -838,11 +831,7 @@ class ConvergentRSGD(RiemannianSGD):
         p = group["params"][i]
         commits: list = []
         self._foreign(group, p, p.manifold, self._name(group, i), commits)
-        for op, target, key, new, *_ in commits:
-            if op == "copy":
-                target.copy_(new)
-            else:
-                target[key] = new
+        _apply_commits(commits)
 
     def _prepass(self, plans) -> tuple[float, list]:
         """An upper bound of the 2-norm of every gradient of the step (NaN or Inf if one is
@@ -1034,9 +1023,8 @@ class ConvergentRSGD(RiemannianSGD):
             torch.autograd.graph.increment_version(touched)
             for nm in mems:
                 if nm.fresh and nm.buf is not None:
-                    st_ = self.state[nm.param]
-                    blocks = st_.setdefault("momentum_blocks", [None] * _nblocks(nm.param))
-                    blocks[nm.block] = nm.buf
+                    mom.set_kernel_block(self.state, nm.param, nm.block, nm.buf,
+                                         _nblocks(nm.param))
                 nm.fresh = False
         return out
 
@@ -1059,16 +1047,16 @@ class ConvergentRSGD(RiemannianSGD):
             return True
         old, fresh = [], []
         for p in params:
-            (fresh if self.state[p].get("momentum_buffer") is None else old).append(p)
+            (fresh if mom.euclid_buffer(self.state, p) is None else old).append(p)
         if old:
             torch._fused_sgd_(old, [p.grad for p in old],
-                              [self.state[p]["momentum_buffer"] for p in old],
+                              [mom.euclid_buffer(self.state, p) for p in old],
                               is_first_step=False, **kw)
         if fresh:  # the kernel stores B = G (after weight decay) into these
             bufs = [torch.empty_like(p.grad) for p in fresh]
             torch._fused_sgd_(fresh, [p.grad for p in fresh], bufs, is_first_step=True, **kw)
             for p, b in zip(fresh, bufs, strict=True):
-                self.state[p]["momentum_buffer"] = b
+                mom.set_euclid_buffer(self.state, p, b)
         return True
 
     def _euclid_foreach(self, group, params):
@@ -1083,7 +1071,7 @@ class ConvergentRSGD(RiemannianSGD):
         if mu:
             bufs, fresh_p, fresh_g, old_b, old_g = [], [], [], [], []
             for p, g in zip(params, grads, strict=True):
-                b = self.state[p].get("momentum_buffer")
+                b = mom.euclid_buffer(self.state, p)
                 if b is None:
                     fresh_p.append(p)
                     fresh_g.append(g)
@@ -1094,8 +1082,8 @@ class ConvergentRSGD(RiemannianSGD):
                 torch._foreach_mul_(old_b, mu)
                 torch._foreach_add_(old_b, old_g, alpha=1 - damp)
             for p, g in zip(fresh_p, fresh_g, strict=True):
-                self.state[p]["momentum_buffer"] = torch.clone(g).detach()
-            bufs = [self.state[p]["momentum_buffer"] for p in params]
+                mom.set_euclid_buffer(self.state, p, torch.clone(g).detach())
+            bufs = [mom.euclid_buffer(self.state, p) for p in params]
             if group["nesterov"]:
                 grads = torch._foreach_add(grads, bufs, alpha=mu)
             else:
@@ -1153,6 +1141,17 @@ class ConvergentRSGD(RiemannianSGD):
 
 def _grad(p):
     return p.grad
+
+
+def _apply_commits(commits: list) -> None:
+    """Write the reference path's new values: ``("copy", tensor, ...)`` into a tensor,
+    ``("state", setter, ...)`` into the momentum state (:mod:`~kernelgeo.optim.momentum`);
+    ``("check", ...)`` entries were only checked to be finite."""
+    for op, target, _key, new, *_ in commits:
+        if op == "copy":
+            target.copy_(new)
+        elif op == "state":
+            target(new)
 
 
 #: fewest entries per thread of the fused kernels (below, a thread costs more than it saves)
