@@ -148,7 +148,7 @@ class KernelManifold(Manifold):
         projection transport, embedded metric;
     ``"columns"``
         the same sphere geometry on the columns of every 2-D slice ``(a, b)`` of the kernel
-        (:func:`~kernelgeo.manifolds.oblique._slice_matrix`): ``x.reshape(o, i, a, b)[..., j]``;
+        (``kernelgeo.manifolds.oblique._slice_matrix``): ``x.reshape(o, i, a, b)[..., j]``;
     ``"matrices"``
         every component is an ``(n, p)`` frame with :math:`X^\top X = r^2 I` (the layout of
         :class:`~kernelgeo.manifolds.Stiefel`, whose ``per`` and ``retraction`` attributes it

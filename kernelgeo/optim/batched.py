@@ -20,8 +20,9 @@ storage of the chunk, so the batched update needs no copy and ``state_dict()`` s
 per-parameter mapping.  After ``load_state_dict`` the plan is rebuilt and the loaded buffers are
 copied into fresh chunk storage.
 
-Specialised kernels (closed forms that save memory passes, mathematically identical to the
-generic update of :mod:`kernelgeo.optim.rsgd`):
+Layouts of the specialised updates (their maths, and where the same update is implemented in
+C and Triton: :mod:`kernelgeo.optim.geometries`; the kind of a kernel comes from its
+manifold's declared :attr:`~kernelgeo.manifolds.KernelManifold.batched_layout`):
 
 sphere rows (:class:`~kernelgeo.manifolds.Sphere`, centred sphere, oblique)
     :math:`u = G - \frac{\langle x,G\rangle}{r^2}x` (gradients centred first on the centred
@@ -60,10 +61,16 @@ import torch
 
 from ..manifolds import Euclidean, KernelManifold, KernelProduct
 from ..manifolds.oblique import _slice_matrix
-from ..manifolds.stiefel import _qf
 from . import momentum as mom
 from . import native as _native
-from .step_rules import RuleConstants, rule_constants, step_sizes
+
+# the updates of a chunk live with their geometry (kernelgeo.optim.geometries); their names
+# stay importable from here
+from .geometries._common import Hyper  # noqa: F401
+from .geometries.generic import generic_apply, generic_prepare  # noqa: F401
+from .geometries.sphere import sphere_apply, sphere_prepare  # noqa: F401
+from .geometries.stiefel import stiefel_apply, stiefel_prepare  # noqa: F401
+from .step_rules import RuleConstants, rule_constants
 
 __all__ = ["Member", "Chunk", "NativeMember", "GroupPlan", "build_group_plan", "classify"]
 
@@ -591,188 +598,3 @@ def scatter(chunk: Chunk, x: torch.Tensor) -> None:
             mem.sub(mem.param.detach()).copy_(lay.to_shape(xs, mem.shape))
     if dst:
         torch._foreach_copy_(dst, src)
-
-
-# ---------------------------------------------------------------------------------- kernels
-def _dot(a: torch.Tensor, b: torch.Tensor, dim: int, out: torch.Tensor | None = None
-         ) -> torch.Tensor:
-    """Row-wise inner products along ``dim``, keepdim, without a full-size temporary.
-
-    ``vecdot`` for rows; for the SoA layout (``dim=0``, a few long contiguous rows) a chain of
-    ``addcmul`` over the rows, which beats ``(a*b).sum(0)``; a reduction over a short strided
-    dim (slow in torch) is unrolled into a few adds of slices.  Full-size temporaries are
-    avoided on purpose: a fresh multi-MB allocation costs page faults on every step; ``out``
-    (flat scratch, at least ``a.numel()``) holds the products of rows when given.
-    """
-    if dim == -1 or (dim != 0 and a.shape[dim] > 8):
-        if out is not None and out.numel() >= a.numel():
-            return torch.mul(a, b, out=out[:a.numel()].view(a.shape)).sum(dim, keepdim=True)
-        return torch.linalg.vecdot(a, b, dim=dim).unsqueeze(dim)
-    if dim == 0:
-        out = a[0] * b[0]
-        for k in range(1, a.shape[0]):
-            out.addcmul_(a[k], b[k])
-        return out.unsqueeze(0)
-    p = a * b
-    parts = p.unbind(dim)
-    out = parts[0] + parts[1] if len(parts) > 1 else parts[0].clone()
-    for q in parts[2:]:
-        out.add_(q)
-    return out.unsqueeze(dim)
-
-
-def _norm(a: torch.Tensor, dim: int) -> torch.Tensor:
-    if dim == -1 or (dim != 0 and a.shape[dim] > 8):
-        return torch.linalg.vector_norm(a, dim=dim, keepdim=True)
-    return _dot(a, a, dim).sqrt_()
-
-
-_HALF = (torch.float16, torch.bfloat16)
-
-
-def _sym(a):
-    return 0.5 * (a + a.transpose(-1, -2))
-
-
-@dataclass
-class Hyper:
-    lr: object  # float or per-row tensor (layer scaling)
-    momentum: float
-    dampening: float
-    nesterov: bool
-    wd: float  # applied to the manifold gradient (decay_manifold or flat factor)
-    short: bool = False  # every step is known (host-side bound) to be at most 3r long
-
-
-def _momentum(chunk: Chunk, u: torch.Tensor, h: Hyper) -> torch.Tensor:
-    """Update the chunk's buffer with the tangent vector ``u``; return the step direction."""
-    b = chunk.buf
-    if chunk.fresh is True:
-        b.copy_(u)
-    elif chunk.fresh is None:
-        b.mul_(h.momentum).add_(u, alpha=1.0 - h.dampening)
-    else:  # some rows start now: B = u there (torch's first-step rule), mu B + (1-d) u elsewhere
-        # built in u's dtype: a float32 1 - dampening would be off by ~1e-8 in float64
-        coef = torch.full(chunk.fresh.shape, 1.0 - h.dampening, dtype=u.dtype,
-                          device=u.device).masked_fill_(chunk.fresh, 1.0)
-        if not chunk.layout.soa:  # SoA masks are stored in their broadcast shape
-            coef = coef.view((-1,) + (1,) * (u.dim() - 1))
-        b.mul_(h.momentum).addcmul_(u, coef)
-    return torch.add(u, b, alpha=h.momentum) if h.nesterov else b
-
-
-def sphere_prepare(chunk: Chunk, x, g):
-    lay = chunk.layout
-    if lay.center:
-        g = g - g.mean(-1 if lay.dim == -1 else -2, keepdim=True)
-    return g, _dot(x, g, lay.dim, chunk.scratch)
-
-
-def sphere_apply(chunk: Chunk, x, g, s, h: Hyper, stats: list | None):
-    lay = chunk.layout
-    r2 = lay.r * lay.r
-    a = s / r2
-    fast = h.momentum > 0 and chunk.fresh is None and h.dampening == 0 and not h.nesterov
-    if fast:  # B = mu B + G - a x: two passes, u never materialised
-        b = chunk.buf
-        torch.add(g, b, alpha=h.momentum, out=b)
-        b.addcmul_(x, a, value=-1.0)
-        d = b
-    else:
-        u = torch.addcmul(g, x, a, value=-1.0)
-        d = _momentum(chunk, u, h) if h.momentum > 0 else u
-    rn = _norm(d, lay.dim)
-    n2 = rn.square()
-    step = step_sizes(h.lr, rn, chunk.consts)
-    if h.momentum > 0:
-        db = n2 if d is chunk.buf else _dot(d, chunk.buf, lay.dim)
-    x.addcmul_(d, step, value=-1.0)
-    c = _norm(x, lay.dim).reciprocal_().mul_(lay.r)
-    x.mul_(c)
-    if h.momentum > 0:
-        chunk.buf.addcmul_(x, c * step * db / r2)
-    if stats is not None:
-        stats.append((rn.flatten(), step.flatten(), chunk.consts))
-    return x
-
-
-def stiefel_prepare(chunk: Chunk, x, g):
-    # the chunk layout is already the row layout X^T (G, p, n)
-    return g, x @ g.transpose(-1, -2)  # X^T G, (G, p, p)
-
-
-def stiefel_apply(chunk: Chunk, x, gt, a, h: Hyper, stats: list | None):
-    """Row-layout Stiefel step; ``x`` is the chunk view, ``gt`` the row-layout gradient.
-
-    Returns the new points: written into ``x`` when the chunk works in place on the
-    parameter, else a fresh tensor for :func:`scatter` (saves one copy).
-    """
-    lay = chunk.layout
-    r2 = lay.r * lay.r
-    xt, bt = x, chunk.buf
-    # sym(A)/r^2 = (A + A^T) * (0.5/r^2): the factor goes into the baddbmm's alpha
-    sm = a + a.mT
-    fast = h.momentum > 0 and chunk.fresh is None and h.dampening == 0 and not h.nesterov
-    if fast:
-        torch.add(gt, bt, alpha=h.momentum, out=bt)
-        bt.baddbmm_(sm, xt, alpha=-0.5 / r2)
-        d = bt
-    else:
-        u = torch.baddbmm(gt, sm, xt, alpha=-0.5 / r2)
-        d = _momentum(chunk, u, h) if h.momentum > 0 else u
-    rn = torch.linalg.vector_norm(d, dim=(-1, -2))
-    step = step_sizes(h.lr, rn, chunk.consts)
-    m = torch.addcmul(xt, step.view(-1, 1, 1), d, value=-1.0)
-    # half precision: the factorisation in float32 (torch has no half Cholesky/QR on the CPU)
-    wm = m.float() if m.dtype in _HALF else m
-    gram = torch.bmm(wm, wm.mT)
-    if r2 != 1.0:
-        gram.div_(r2)
-    low, info = torch.linalg.cholesky_ex(gram)
-    # Cholesky-QR loses orthogonality like eps * cond(M^T M) <= eps * (1 + (g|d|/r)^2): a
-    # failed factorisation or a long step (huge learning rate, rule "none") takes Householder
-    # QR instead (one synchronisation per chunk, unless the optimizer's bounds show that
-    # every step is short: then M^T M has condition <= 10 and the factorisation succeeds)
-    if not h.short and bool(info.any() | ((step * rn).max() > 3.0 * lay.r)):
-        xn = (lay.r * _qf(wm.mT / lay.r)).mT
-    else:
-        # L^{-1} M as (M^T L^{-T})^T: on the transposed views the solve runs on column-major
-        # operands without copies (2-3x faster than solving L X = M on row-major M, measured)
-        xn = torch.linalg.solve_triangular(low.mT, wm.mT, upper=True, left=False).mT
-    xn = xn.to(m.dtype)
-    if h.momentum > 0:
-        c = torch.bmm(xn, bt.mT)
-        bt.baddbmm_(c + c.mT, xn, alpha=-0.5 / r2)
-    if stats is not None:
-        stats.append((rn, step, chunk.consts))
-    if chunk.inplace:
-        xt.copy_(xn)
-        return x
-    return xn
-
-
-def generic_prepare(chunk: Chunk, x, g, h: Hyper):
-    m, r = chunk.layout.m, chunk.layout.r
-    if h.wd:
-        g = g + h.wd * x
-    u = m.batched_proju(x, g, r)
-    return u, u
-
-
-def generic_apply(chunk: Chunk, x, u, h: Hyper, stats: list | None):
-    m, r = chunk.layout.m, chunk.layout.r
-    d = _momentum(chunk, u, h) if h.momentum > 0 else u
-    rn = m.batched_inner(x, d, d).clamp_min(0).sqrt()
-    step = step_sizes(h.lr, rn, chunk.consts)
-    v = -step.view((-1,) + (1,) * (d.dim() - 1)) * d
-    if x.dtype in _HALF:  # retractions factorise (QR, SVD): float32, as torch has no half
-        xn = m.batched_retr(x.float(), v.float(), r).to(x.dtype)
-    else:
-        xn = m.batched_retr(x, v, r)
-    if h.momentum > 0:
-        chunk.buf.copy_(m.batched_transp(x, xn, chunk.buf, r))
-        if chunk.buf_param is not None:  # layout was a copy: publish into the state tensor
-            chunk.buf_param.copy_(chunk.layout.to_shape(chunk.buf, chunk.members[0].shape))
-    if stats is not None:
-        stats.append((rn, step, chunk.consts))
-    return xn

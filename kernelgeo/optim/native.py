@@ -3,7 +3,7 @@ r"""Fused CPU kernels for sphere-like kernel manifolds (optional, compiled on fi
 The torch path of :mod:`kernelgeo.optim.batched` needs about nine elementwise passes over a
 sphere or oblique kernel plus Python and dispatch work per chunk (and transposing copies for
 oblique columns); ``torch.optim.SGD`` needs three.  ``native_kernels.c`` (shipped with the
-package) does the whole step of ``kernelgeo.optim.batched.sphere_apply`` (Riemannian
+package) does the whole step of ``kernelgeo.optim.geometries.sphere.sphere_apply`` (Riemannian
 gradient, momentum, step rule, retraction, transport) for all such kernels of a step in a
 single call, in the kernels' own memory layout (no gathering, no copies): three passes over
 each row or column while it is in the CPU caches; the 3-entry columns of 3x3 oblique kernels

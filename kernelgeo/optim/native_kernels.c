@@ -2,8 +2,9 @@
  * Fused Riemannian SGD steps of kernelgeo for sphere-like kernel layouts (CPU).
  *
  * Compiled on first use by kernelgeo/optim/native.py with the system C compiler and
- * loaded with ctypes; the Python fast path (kernelgeo/optim/batched.py) is used when no
- * compiler is available.  The maths is that of kernelgeo.optim.batched.sphere_apply.
+ * loaded with ctypes; the Python fast path (kernelgeo/optim/geometries/sphere.py) is used
+ * when no compiler is available.  The maths is that of
+ * kernelgeo.optim.geometries.sphere.sphere_apply.
  *
  * Layout of one kernel ("item"): nblk blocks of a*s contiguous entries.  Component
  * (blk, j), j < s, is the vector of the a entries blk*a*s + k*s + j, k < a:

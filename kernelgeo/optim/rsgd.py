@@ -26,15 +26,18 @@ transported, i.e. tangent at the current point.  Euclidean parameters follow
 ``torch.optim.SGD`` exactly (weight decay included, no step rule: flat factors need none).
 See :mod:`kernelgeo.optim.step_rules` for :math:`\Gamma_k` and the assumptions of the
 convergence guarantee, :mod:`kernelgeo.optim.schedules` for :math:`\lambda(t)`,
-:mod:`kernelgeo.optim.scaling` for :math:`m_\ell`, :mod:`kernelgeo.optim.batched` for the
-batched torch path and :mod:`kernelgeo.optim.native` for the fused CPU kernels.
+:mod:`kernelgeo.optim.scaling` for :math:`m_\ell`, :mod:`kernelgeo.optim.geometries` for the
+update of each geometry (torch ops; pointers to the reference, C and Triton versions),
+:mod:`kernelgeo.optim.batched` for the chunks of the batched path,
+:mod:`kernelgeo.optim.native` for the fused CPU kernels and :mod:`kernelgeo.optim.momentum`
+for the momentum state.  This module holds the orchestration: param groups, validation, the
+overflow pre-pass, plan caching and the dispatch to the backends.
 """
 
 from __future__ import annotations
 
 import math
 import warnings
-from functools import partial
 
 import torch
 
@@ -42,10 +45,11 @@ from .._compat import RiemannianSGD
 from ..manifolds import KernelProduct, Stiefel
 from ..manifolds.stiefel import _qf
 from . import batched as bt
+from . import geometries as geo
 from . import momentum as mom
 from . import native as _native
 from .schedules import GuaranteeWarning, check_robbins_monro
-from .step_rules import DEFAULT_MAX_STEP, RULES, check_rule_args, rule_constants, step_sizes
+from .step_rules import DEFAULT_MAX_STEP, RULES, check_rule_args
 
 __all__ = ["ConvergentRSGD", "NonFiniteGradientError", "StepOverflowError"]
 
@@ -578,24 +582,7 @@ class ConvergentRSGD(RiemannianSGD):
         return True
 
     def _ref_euclid(self, group, p, name, commits):
-        dt = p.dtype
-        x = p.detach().double()
-        g = p.grad.double()
-        wd, mu, damp = group["weight_decay"], group["momentum"], group["dampening"]
-        if wd:
-            g = g.add(x, alpha=wd)
-        if mu:
-            buf = mom.euclid_buffer(self.state, p)
-            if buf is None:
-                nb = g.clone()
-                commits.append(("state", partial(mom.set_euclid_buffer, self.state, p), None,
-                                nb.to(dt), name, "momentum buffer", p))
-            else:
-                nb = buf.double().mul_(mu).add_(g, alpha=1 - damp)
-                commits.append(("copy", buf, None, nb.to(dt), name, "momentum buffer", p))
-            g = g.add(nb, alpha=mu) if group["nesterov"] else nb
-        commits.append(("copy", p, None, x.add_(g, alpha=-float(group["lr"])).to(dt), name,
-                        "value", p))
+        geo.euclidean.reference_euclid_step(self.state, group, p, name, commits)
 
     def _foreign(self, group, p, m, name, commits):
         """Other geoopt manifolds: plain Riemannian SGD (no step rule, no batching)."""
@@ -603,91 +590,14 @@ class ConvergentRSGD(RiemannianSGD):
             warnings.warn(f"{type(m).__name__} is not a kernelgeo manifold: its parameters get "
                           "plain Riemannian SGD without the step rule", stacklevel=3)
             self._warned_foreign = True
-        mu, damp = group["momentum"], group["dampening"]
-        u = m.egrad2rgrad(p, p.grad.clone())
-        if mu:
-            buf = mom.euclid_buffer(self.state, p)
-            nb = u.clone() if buf is None else buf.mul(mu).add_(u, alpha=1 - damp)
-            d = u.add(nb, alpha=mu) if group["nesterov"] else nb
-            new, nbuf = m.retr_transp(p, -group["lr"] * d, nb)
-            if buf is None:
-                commits.append(("state", partial(mom.set_euclid_buffer, self.state, p), None,
-                                nbuf, name, "momentum buffer", p))
-            else:
-                commits.append(("copy", buf, None, nbuf, name, "momentum buffer", p))
-        else:
-            new = m.retr(p, -group["lr"] * u)
-        commits.append(("copy", p, None, new, name, "value", p))
+        geo.generic.foreign_step(self.state, group, p, m, name, commits)
 
     def _ref_kernel(self, group, p, m, stats, name, commits):
-        mu, damp = group["momentum"], group["dampening"]
         lr = float(group["lr"])
         mult = self._multiplier(p)
         if mult is not None:
             lr = lr * float(mult)
-        blocks = m.blocks(p.shape) if isinstance(m, KernelProduct) else [(m, None)]
-        bl = mom.kernel_blocks(self.state, p)  # (creates the state entry, as torch's SGD)
-        bl = bl if mu else None
-        wd = group["weight_decay"]
-        for b, (bm, bidx) in enumerate(blocks):
-            bidx = None if bidx is None or len(blocks) == 1 else bidx
-            shape = tuple(p.shape) if bidx is None else KernelProduct._sub(p.shape, bidx)
-            psub = p.detach() if bidx is None else p.detach()[bidx]
-            r = bm.radius_of(shape)
-            x = bm.to_batch(psub).double()
-            gr = bm.to_batch(p.grad if bidx is None else p.grad[bidx]).double()
-            consts = rule_constants(group["step_rule"], bm, shape, rho=group["rho"],
-                                    max_step=group["max_step"])
-            decay = bool(wd) and (consts.flat or group["decay_manifold"])
-            old = None if not mu or bl is None or bl[b] is None else bl[b]
-            b0 = None if old is None else bm.to_batch(old).double()
-            # divide gradient and buffer by their largest entry: u, B and d are linear in them
-            sc = float(gr.abs().max()) if gr.numel() else 0.0
-            if b0 is not None and b0.numel():
-                sc = max(sc, float(b0.abs().max()))
-            if decay and x.numel():
-                sc = max(sc, wd * float(x.abs().max()))
-            sc = sc if 0.0 < sc < math.inf else 1.0
-            gs = gr / sc
-            if decay:
-                gs = gs + (wd / sc) * x
-            u = bm.batched_proju(x, gs, r)
-            if mu:
-                nb = u.clone() if b0 is None else (b0 / sc).mul_(mu).add_(u, alpha=1 - damp)
-                d = u.add(nb, alpha=mu) if group["nesterov"] else nb
-            else:
-                d = u
-            rn_s = bm.batched_inner(x, d, d).clamp_min(0).sqrt()
-            # the rule sees the true norm (float64: finite for any float32 data; a float64
-            # norm beyond its range refuses the step)
-            rn = rn_s * sc
-            commits.append(("check", None, None, rn, name, "direction norm", p))
-            g = step_sizes(lr, rn, consts)
-            a = g * sc  # displacement = a * d (scaled units); may overflow float64
-            shape_b = (-1,) + (1,) * (d.dim() - 1)
-            pos = rn_s > 0
-            if _scale_invariant(bm):
-                # R(x - a d) = R(x/t - (a/t) d), t = max(1, a |d| / r): arguments stay O(r)
-                coef = torch.where(pos, torch.minimum(a, r / rn_s.clamp_min(1e-300)), 0.0)
-                tinv = torch.where(pos, torch.clamp(r / (a * rn_s), max=1.0), 1.0)
-                tinv = torch.nan_to_num(tinv, nan=1.0)
-                xn = bm.batched_retr(x * tinv.view(shape_b), -coef.view(shape_b) * d, r)
-            else:
-                xn = bm.batched_retr(x, -a.view(shape_b) * d, r)
-            commits.append(("copy", psub, None, bm.from_batch(xn, shape).to(p.dtype), name,
-                            "value", p))
-            if mu:
-                nbt = bm.batched_transp(x, xn, nb, r) * sc
-                nb_new = bm.from_batch(nbt, shape).to(p.dtype).contiguous()
-                if old is not None:
-                    commits.append(("copy", old, None, nb_new, name, "momentum", p))
-                else:
-                    setter = partial(mom.set_kernel_block, self.state, p, b,
-                                     nblocks=len(blocks))
-                    commits.append(("state", setter, None, nb_new, name, "momentum", p))
-            if stats is not None:
-                stats.setdefault(id(group), []).append(
-                    (rn.to(p.dtype), g.to(p.dtype), consts))
+        geo.generic.reference_kernel_step(self.state, group, p, m, lr, stats, name, commits)
 
     # -------------------------------------------------------------- batched path
     def _signature(self):
@@ -802,24 +712,14 @@ class ConvergentRSGD(RiemannianSGD):
         x, g, inplace = bt.gather(ch, _grad)
         h = self._hyper(group, ch)
         h.short = float(group["lr"]) * self._dbound <= 3.0 * ch.layout.r
-        if ch.kind == "sphere":
-            g, c = bt.sphere_prepare(ch, x, g)
-        elif ch.kind == "stiefel":
-            g, c = bt.stiefel_prepare(ch, x, g)
-        else:
-            g, c = bt.generic_prepare(ch, x, g, h)
+        g, c = geo.GEOMETRIES[ch.kind].prepare(ch, x, g, h)
         return ch, x, g, c, inplace, h
 
     def _apply_chunk(self, group, item, stats) -> None:
         """Step one chunk prepared by :meth:`_prepare_chunk` and write it back."""
         ch, x, g, c, inplace, h = item
         h.lr = self._chunk_lr(group, ch, c.dim() if ch.kind == "sphere" else 1)
-        if ch.kind == "sphere":
-            xn = bt.sphere_apply(ch, x, g, c, h, stats)
-        elif ch.kind == "stiefel":
-            xn = bt.stiefel_apply(ch, x, g, c, h, stats)
-        else:
-            xn = bt.generic_apply(ch, x, c, h, stats)
+        xn = geo.GEOMETRIES[ch.kind].apply(ch, x, g, c, h, stats)
         if not inplace:
             bt.scatter(ch, xn)
         if ch.fresh_members:
@@ -1030,65 +930,15 @@ class ConvergentRSGD(RiemannianSGD):
 
     def _hyper(self, group, ch) -> bt.Hyper:
         wd = group["weight_decay"] if (ch.consts.flat or group["decay_manifold"]) else 0.0
-        return bt.Hyper(lr=group["lr"], momentum=group["momentum"],
+        return geo.Hyper(lr=group["lr"], momentum=group["momentum"],
                         dampening=group["dampening"], nesterov=group["nesterov"], wd=wd)
 
-    def _euclid_fused(self, group, params) -> bool:
-        """``torch.optim.SGD(fused=True)``'s kernel on CPU float parameters (one call instead
-        of three multi-tensor passes; the same recursion).  False: not applicable here."""
-        if self.native is False or _compiling() or not _fused_sgd_ok() or \
-                not all(p.is_cpu and p.dtype in _native.DTYPES for p in params):
-            return False
-        wd, mu, damp = group["weight_decay"], group["momentum"], group["dampening"]
-        kw = dict(weight_decay=wd, momentum=mu, lr=group["lr"], dampening=damp,
-                  nesterov=group["nesterov"], maximize=False, grad_scale=None, found_inf=None)
-        if not mu:
-            torch._fused_sgd_(params, [p.grad for p in params], [], is_first_step=False, **kw)
-            return True
-        old, fresh = [], []
-        for p in params:
-            (fresh if mom.euclid_buffer(self.state, p) is None else old).append(p)
-        if old:
-            torch._fused_sgd_(old, [p.grad for p in old],
-                              [mom.euclid_buffer(self.state, p) for p in old],
-                              is_first_step=False, **kw)
-        if fresh:  # the kernel stores B = G (after weight decay) into these
-            bufs = [torch.empty_like(p.grad) for p in fresh]
-            torch._fused_sgd_(fresh, [p.grad for p in fresh], bufs, is_first_step=True, **kw)
-            for p, b in zip(fresh, bufs, strict=True):
-                mom.set_euclid_buffer(self.state, p, b)
-        return True
-
     def _euclid_foreach(self, group, params):
-        """``torch.optim.SGD``'s multi-tensor update (same operations, same order), or its
-        fused CPU kernel (see :meth:`_euclid_fused`)."""
-        if not params or self._euclid_fused(group, params):
-            return
-        grads = [p.grad for p in params]
-        wd, mu, damp = group["weight_decay"], group["momentum"], group["dampening"]
-        if wd:
-            grads = torch._foreach_add(grads, params, alpha=wd)
-        if mu:
-            bufs, fresh_p, fresh_g, old_b, old_g = [], [], [], [], []
-            for p, g in zip(params, grads, strict=True):
-                b = mom.euclid_buffer(self.state, p)
-                if b is None:
-                    fresh_p.append(p)
-                    fresh_g.append(g)
-                else:
-                    old_b.append(b)
-                    old_g.append(g)
-            if old_b:
-                torch._foreach_mul_(old_b, mu)
-                torch._foreach_add_(old_b, old_g, alpha=1 - damp)
-            for p, g in zip(fresh_p, fresh_g, strict=True):
-                mom.set_euclid_buffer(self.state, p, torch.clone(g).detach())
-            bufs = [mom.euclid_buffer(self.state, p) for p in params]
-            if group["nesterov"]:
-                grads = torch._foreach_add(grads, bufs, alpha=mu)
-            else:
-                grads = bufs
-        torch._foreach_add_(params, grads, alpha=-group["lr"])
+        """``torch.optim.SGD``'s update of Euclidean parameters
+        (:func:`~kernelgeo.optim.geometries.euclidean.euclid_foreach`; its fused CPU kernel
+        unless the fused kernels are off or the step is being compiled)."""
+        geo.euclidean.euclid_foreach(self.state, group, params,
+                                     fused=self.native is not False and not _compiling())
 
     # ------------------------------------------------------------------ logging
     def _publish_stats(self, stats: dict, append: bool = False):
@@ -1156,24 +1006,6 @@ def _apply_commits(commits: list) -> None:
 
 #: fewest entries per thread of the fused kernels (below, a thread costs more than it saves)
 NATIVE_GRAIN = 1 << 20
-_FUSED_SGD: bool | None = None
-
-
-def _fused_sgd_ok() -> bool:
-    """Whether this torch has a CPU ``_fused_sgd_`` (probed once on a scratch tensor)."""
-    global _FUSED_SGD
-    if _FUSED_SGD is None:
-        try:
-            t, g = torch.zeros(2), torch.ones(2)
-            torch._fused_sgd_([t], [g], [], weight_decay=0.0, momentum=0.0, lr=0.5,
-                              dampening=0.0, nesterov=False, maximize=False,
-                              is_first_step=False, grad_scale=None, found_inf=None)
-            _FUSED_SGD = bool(torch.allclose(t, torch.full((2,), -0.5)))
-        except (AttributeError, RuntimeError, NotImplementedError, TypeError):
-            _FUSED_SGD = False
-    return _FUSED_SGD
-
-
 def _compiling() -> bool:
     comp = getattr(torch, "compiler", None)
     return bool(comp is not None and hasattr(comp, "is_compiling") and comp.is_compiling())
@@ -1225,13 +1057,6 @@ def _norm64(t: torch.Tensor) -> float:
     if not 0.0 < m < math.inf:
         return m
     return m * float(torch.linalg.vector_norm(t.detach() / m))
-
-
-def _scale_invariant(m) -> bool:
-    """Whether ``m.batched_retr(x, u, r)`` depends on ``x + u`` only up to positive scaling:
-    every declared batched layout promises it (the metric projections of spheres, the QR and
-    polar factors of Stiefel frames; see :class:`~kernelgeo.manifolds.KernelManifold`)."""
-    return m.effective_batched_layout() is not None
 
 
 def _reproject(m, x):
