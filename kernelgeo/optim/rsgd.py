@@ -42,8 +42,7 @@ import warnings
 import torch
 
 from .._compat import RiemannianSGD
-from ..manifolds import KernelProduct, Stiefel
-from ..manifolds.stiefel import _qf
+from ..manifolds import KernelProduct
 from . import batched as bt
 from . import geometries as geo
 from . import momentum as mom
@@ -63,9 +62,6 @@ class NonFiniteGradientError(FloatingPointError):
 class StepOverflowError(FloatingPointError):
     """The new value of a parameter or of its momentum is not representable in its dtype
     (finite gradients and learning rate, but their product overflows); nothing was changed."""
-
-
-_HALF = (torch.float16, torch.bfloat16)
 
 
 def _check_hyper(where: str, h: dict) -> None:
@@ -928,7 +924,7 @@ class ConvergentRSGD(RiemannianSGD):
                 nm.fresh = False
         return out
 
-    def _hyper(self, group, ch) -> bt.Hyper:
+    def _hyper(self, group, ch) -> geo.Hyper:
         wd = group["weight_decay"] if (ch.consts.flat or group["decay_manifold"]) else 0.0
         return geo.Hyper(lr=group["lr"], momentum=group["momentum"],
                         dampening=group["dampening"], nesterov=group["nesterov"], wd=wd)
@@ -984,7 +980,7 @@ class ConvergentRSGD(RiemannianSGD):
             for b, (bm, bidx) in enumerate(blocks):
                 bidx = None if bidx is None or len(blocks) == 1 else bidx
                 psub = p if bidx is None else p[bidx]
-                psub.copy_(_reproject(bm, psub))
+                psub.copy_(geo.generic.reproject(bm, psub))
                 if bl is not None and bl[b] is not None:
                     bl[b].copy_(bm.proju(psub, bl[b]))
 
@@ -1006,6 +1002,8 @@ def _apply_commits(commits: list) -> None:
 
 #: fewest entries per thread of the fused kernels (below, a thread costs more than it saves)
 NATIVE_GRAIN = 1 << 20
+
+
 def _compiling() -> bool:
     comp = getattr(torch, "compiler", None)
     return bool(comp is not None and hasattr(comp, "is_compiling") and comp.is_compiling())
@@ -1057,16 +1055,3 @@ def _norm64(t: torch.Tensor) -> float:
     if not 0.0 < m < math.inf:
         return m
     return m * float(torch.linalg.vector_norm(t.detach() / m))
-
-
-def _reproject(m, x):
-    """Metric projection, except for Stiefel: the QR factor (as close, up to O(error), and
-    without the float64 SVD that the exact polar projection of a large kernel would cost)."""
-    if isinstance(m, Stiefel):
-        r = m.radius_of(x.shape)
-        xb = m.to_batch(x)
-        w = xb.float() if xb.dtype in _HALF else xb  # no half-precision QR on the CPU
-        return m.from_batch((r * _qf(w / r)).to(x.dtype), x.shape)
-    return m.projx(x)
-
-

@@ -39,6 +39,7 @@ from .generic import (
     generic_apply,
     generic_prepare,
     reference_kernel_step,
+    reproject,
     scale_invariant,
 )
 from .sphere import sphere_apply, sphere_prepare
@@ -48,6 +49,7 @@ __all__ = [
     "Geometry", "GEOMETRIES", "Hyper", "euclidean", "generic", "sphere", "stiefel",
     "sphere_prepare", "sphere_apply", "stiefel_prepare", "stiefel_apply", "generic_prepare",
     "generic_apply", "reference_kernel_step", "foreign_step", "scale_invariant",
+    "reproject",
     "euclid_foreach", "euclid_fused", "fused_sgd_available", "reference_euclid_step",
 ]
 

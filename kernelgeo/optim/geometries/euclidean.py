@@ -61,13 +61,16 @@ def euclid_fused(state, group, params) -> bool:
     if not mu:
         torch._fused_sgd_(params, [p.grad for p in params], [], is_first_step=False, **kw)
         return True
-    old, fresh = [], []
+    old, old_b, fresh = [], [], []
     for p in params:
-        (fresh if mom.euclid_buffer(state, p) is None else old).append(p)
+        b = mom.euclid_buffer(state, p)
+        if b is None:
+            fresh.append(p)
+        else:
+            old.append(p)
+            old_b.append(b)
     if old:
-        torch._fused_sgd_(old, [p.grad for p in old],
-                          [mom.euclid_buffer(state, p) for p in old],
-                          is_first_step=False, **kw)
+        torch._fused_sgd_(old, [p.grad for p in old], old_b, is_first_step=False, **kw)
     if fresh:  # the kernel stores B = G (after weight decay) into these
         bufs = [torch.empty_like(p.grad) for p in fresh]
         torch._fused_sgd_(fresh, [p.grad for p in fresh], bufs, is_first_step=True, **kw)

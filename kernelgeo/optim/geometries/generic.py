@@ -26,7 +26,8 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from ...manifolds import KernelProduct
+from ...manifolds import KernelProduct, Stiefel
+from ...manifolds.stiefel import _qf
 from .. import momentum as mom
 from ..step_rules import rule_constants, step_sizes
 from ._common import HALF, Hyper, momentum_direction
@@ -35,7 +36,7 @@ if TYPE_CHECKING:  # pragma: no cover
     from ..batched import Chunk
 
 __all__ = ["generic_prepare", "generic_apply", "reference_kernel_step", "foreign_step",
-           "scale_invariant"]
+           "scale_invariant", "reproject"]
 
 
 def generic_prepare(chunk: Chunk, x, g, h: Hyper):
@@ -171,3 +172,18 @@ def foreign_step(state, group, p, m, name, commits) -> None:
     else:
         new = m.retr(p, -group["lr"] * u)
     commits.append(("copy", p, None, new, name, "value", p))
+
+
+def reproject(m, x):
+    """Re-projection of a (sub-)kernel ``x`` onto manifold ``m`` (the optimizer's
+    ``stabilize``): the metric projection, except for Stiefel: the QR factor (as close, up
+    to O(error), and without the float64 SVD that the exact polar projection of a large
+    kernel would cost)."""
+    if isinstance(m, Stiefel):
+        r = m.radius_of(x.shape)
+        xb = m.to_batch(x)
+        w = xb.float() if xb.dtype in HALF else xb  # no half-precision QR on the CPU
+        return m.from_batch((r * _qf(w / r)).to(x.dtype), x.shape)
+    return m.projx(x)
+
+
