@@ -133,6 +133,9 @@ class KernelManifold(Manifold):
     * :meth:`origin` has no distinguished point: it is :meth:`random` from a private
       generator seeded with ``seed`` (the zero kernel on ``euclidean``).
     * :meth:`random` also takes a ``generator``.
+    * Two kernel manifolds compare by identity (``nn.Module`` semantics, as in geoopt), so
+      ``ManifoldParameter(m.random(shape), manifold=m2)`` with another instance ``m2`` raises
+      geoopt's "Manifolds do not match"; pass the same instance or omit ``manifold``.
 
     **Batched protocol.**  The ``batched_*`` methods take canonical tensors ``(B,
     *point_shape)`` (:meth:`to_batch`) and the radius ``r`` of the kernel's shape
@@ -162,9 +165,6 @@ class KernelManifold(Manifold):
     the canonical layout (or code that replaces one on the class) without declaring
     :attr:`batched_layout` again gets ``None`` from :meth:`effective_batched_layout` and is
     updated by the generic path, with its own maths.
-    * Two kernel manifolds compare by identity (``nn.Module`` semantics, as in geoopt), so
-      ``ManifoldParameter(m.random(shape), manifold=m2)`` with another instance ``m2`` raises
-      geoopt's "Manifolds do not match"; pass the same instance or omit ``manifold``.
     """
 
     name = "kernel"

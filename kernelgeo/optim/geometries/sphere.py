@@ -22,7 +22,7 @@ centred sphere); with :math:`G` its gradient, :math:`B` its momentum buffer and
 Where the update is implemented:
 
 reference (the oracle)
-    :func:`kernelgeo.optim.geometries.generic.reference_kernel_step` with the manifold's
+    :func:`kernelgeo.optim.geometries.reference_kernel_step` with the manifold's
     primitives (``RowSphere._bproju``, ``_bretr`` = ``_bprojx(x + u)``, projection
     transport), in float64.
 torch ops (this module)

@@ -13,7 +13,7 @@ the momentum is transported by projection, :math:`B' = B - X'\,\mathrm{sym}(X'^\
 Where the update is implemented:
 
 reference (the oracle)
-    :func:`kernelgeo.optim.geometries.generic.reference_kernel_step` with
+    :func:`kernelgeo.optim.geometries.reference_kernel_step` with
     :class:`~kernelgeo.manifolds.Stiefel`'s primitives (Householder QR with sign correction),
     in float64.
 torch ops (this module)
