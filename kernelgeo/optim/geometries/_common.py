@@ -17,13 +17,15 @@ HALF = (torch.float16, torch.bfloat16)
 
 @dataclass
 class Hyper:
+    """Hyper-parameters of one chunk's step (the group's, with the layer multipliers in
+    ``lr``)."""
+
     lr: object  # float or per-row tensor (layer scaling)
     momentum: float
     dampening: float
     nesterov: bool
     wd: float  # applied to the manifold gradient (decay_manifold or flat factor)
     short: bool = False  # every step is known (host-side bound) to be at most 3r long
-
 
 
 def momentum_direction(chunk: Chunk, u: torch.Tensor, h: Hyper) -> torch.Tensor:
