@@ -224,3 +224,54 @@ def test_momentum_state_is_written_in_one_module():
             if write.search(line.split("#")[0]):
                 offenders.append(f"{f.relative_to(root)}:{i}: {line.strip()}")
     assert offenders == []
+
+
+_TRITON_SCRIPT = r"""
+import os, sys
+os.environ["TRITON_INTERPRET"] = "1"
+import torch
+from kernelgeo._compat import geoopt
+from kernelgeo.manifolds import Sphere
+from kernelgeo.optim import ConvergentRSGD, triton_backend as tb
+if not tb.available():
+    print("SKIP"); sys.exit(0)
+
+class Overriding(Sphere):
+    calls = 0
+    def _bproju(self, x, u, r):
+        type(self).calls += 1
+        return super()._bproju(x, u, r)
+
+class Declared(Overriding):
+    batched_layout = "rows"
+
+out = []
+for cls in (Overriding, Declared):
+    cls.calls = 0
+    gen = torch.Generator().manual_seed(0)
+    m = cls()
+    p = geoopt.ManifoldParameter(m.random((6, 3, 3, 3), generator=gen), manifold=m)
+    opt = ConvergentRSGD([p], lr=0.1, momentum=0.9, backend="triton")
+    p.grad = torch.randn(p.shape, generator=gen)
+    opt.step()
+    items = sum(len(dp.items) for dp in opt._plan.devices.values())
+    out.append(f"{cls.__name__}:{items}:{cls.calls > 0}")
+print(" ".join(out))
+"""
+
+
+def test_triton_backend_follows_the_declaration():
+    """The Triton backend's sphere kernels (run in Triton's interpreter) take a declared
+    subclass, and leave an undeclared override to the generic torch path."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parent.parent
+    res = subprocess.run([sys.executable, "-c", _TRITON_SCRIPT], capture_output=True,
+                         text=True, cwd=root, timeout=600)
+    assert res.returncode == 0, res.stderr[-2000:]
+    last = res.stdout.strip().splitlines()[-1]
+    if last == "SKIP":
+        pytest.skip("triton cannot be imported")
+    assert last == "Overriding:0:True Declared:1:False"
