@@ -97,11 +97,11 @@ def _check_hyper(where: str, h: dict) -> None:
 def _describe(p) -> str:
     """Shape and geometry of a parameter, for messages."""
     m = getattr(p, "manifold", None)
-    geo = "Euclidean" if m is None else getattr(m, "name", None) or type(m).__name__
+    what = "Euclidean" if m is None else getattr(m, "name", None) or type(m).__name__
     if isinstance(m, KernelProduct):
-        geo = "product " + "+".join(getattr(b, "name", type(b).__name__)
-                                    for b, _ in m.blocks(p.shape))
-    return f"shape {tuple(p.shape)}, {p.dtype}, {geo}"
+        what = "product " + "+".join(getattr(b, "name", type(b).__name__)
+                                     for b, _ in m.blocks(p.shape))
+    return f"shape {tuple(p.shape)}, {p.dtype}, {what}"
 
 
 def _nblocks(p) -> int:

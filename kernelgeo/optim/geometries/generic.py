@@ -26,7 +26,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from ...manifolds import KernelProduct, Stiefel
+from ...manifolds import KernelProduct
 from ...manifolds.stiefel import _qf
 from .. import momentum as mom
 from ..step_rules import rule_constants, step_sizes
@@ -176,10 +176,10 @@ def foreign_step(state, group, p, m, name, commits) -> None:
 
 def reproject(m, x):
     """Re-projection of a (sub-)kernel ``x`` onto manifold ``m`` (the optimizer's
-    ``stabilize``): the metric projection, except for Stiefel: the QR factor (as close, up
-    to O(error), and without the float64 SVD that the exact polar projection of a large
-    kernel would cost)."""
-    if isinstance(m, Stiefel):
+    ``stabilize``): the metric projection, except for Stiefel frames (declared layout
+    ``"matrices"``): the QR factor (as close, up to O(error), and without the float64 SVD
+    that the exact polar projection of a large kernel would cost)."""
+    if m.effective_batched_layout() == "matrices":
         r = m.radius_of(x.shape)
         xb = m.to_batch(x)
         w = xb.float() if xb.dtype in HALF else xb  # no half-precision QR on the CPU
