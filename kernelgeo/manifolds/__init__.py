@@ -3,7 +3,7 @@
 One module per geometry; :func:`get_manifold` builds one from its name.
 """
 
-from .base import KernelManifold, KernelShapeError, radius_for_shape
+from .base import BATCHED_LAYOUTS, KernelManifold, KernelShapeError, radius_for_shape
 from .euclidean import Euclidean
 from .oblique import Oblique
 from .product import KernelProduct
@@ -20,8 +20,9 @@ from .sphere import CenteredSphere, RowSphere, Sphere
 from .stiefel import Stiefel, stiefel_groups
 
 __all__ = [
-    "KernelManifold", "KernelShapeError", "radius_for_shape", "Euclidean", "Sphere",
-    "CenteredSphere", "RowSphere", "Oblique", "Stiefel", "stiefel_groups", "KernelProduct",
+    "KernelManifold", "KernelShapeError", "radius_for_shape", "BATCHED_LAYOUTS",
+    "Euclidean", "Sphere", "CenteredSphere", "RowSphere", "Oblique", "Stiefel",
+    "stiefel_groups", "KernelProduct",
     "available", "get_manifold", "ALIASES", "parse_geometry", "GeometrySpec", "GeometryRule",
     "GeometryError",
 ]

@@ -21,7 +21,17 @@ import torch
 
 from .._compat import Manifold, ManifoldTensor
 
-__all__ = ["KernelManifold", "KernelShapeError", "radius_for_shape"]
+__all__ = ["KernelManifold", "KernelShapeError", "radius_for_shape", "BATCHED_LAYOUTS"]
+
+#: Values of :attr:`KernelManifold.batched_layout` (besides ``None``), see its docstring.
+BATCHED_LAYOUTS = ("rows", "columns", "matrices")
+
+#: The maths a layout declaration covers: a class that defines (or replaces) one of these
+#: after the class that declared the layout has not declared anything (see
+#: :meth:`KernelManifold.effective_batched_layout`).
+_LAYOUT_MATHS = ("to_batch", "from_batch", "_center", "_bprojx", "_bproju", "_bretr",
+                 "_btransp", "_binner", "batched_projx", "batched_proju", "batched_retr",
+                 "batched_transp", "batched_inner")
 
 
 def _safe_sqrt(t: torch.Tensor) -> torch.Tensor:
@@ -74,10 +84,13 @@ class KernelManifold(Manifold):
     r"""Abstract kernel manifold working on conv weights of shape ``(out, in, *k)``.
 
     Subclasses provide the canonical layout (:meth:`to_batch`, :meth:`from_batch`), the
-    batched primitives ``_b*`` on it, and the geometric facts.  All public geoopt methods
-    (``projx``, ``proju``, ``egrad2rgrad``, ``inner``, ``norm``, ``retr``, ``expmap``,
-    ``logmap``, ``dist``, ``transp``, ``retr_transp``, ``random``) are implemented here once
-    on top of those.
+    batched primitives ``_b*`` on it (public entry points: :meth:`batched_projx`,
+    :meth:`batched_proju`, :meth:`batched_retr`, :meth:`batched_transp`,
+    :meth:`batched_inner`), the geometric facts, and optionally a
+    :attr:`batched_layout` declaration that lets optimizers use a fused update.  All public
+    geoopt methods (``projx``, ``proju``, ``egrad2rgrad``, ``inner``, ``norm``, ``retr``,
+    ``expmap``, ``logmap``, ``dist``, ``transp``, ``retr_transp``, ``random``) are
+    implemented here once on top of those.
 
     Parameters
     ----------
@@ -123,6 +136,35 @@ class KernelManifold(Manifold):
     * Two kernel manifolds compare by identity (``nn.Module`` semantics, as in geoopt), so
       ``ManifoldParameter(m.random(shape), manifold=m2)`` with another instance ``m2`` raises
       geoopt's "Manifolds do not match"; pass the same instance or omit ``manifold``.
+
+    **Batched protocol.**  The ``batched_*`` methods take canonical tensors ``(B,
+    *point_shape)`` (:meth:`to_batch`) and the radius ``r`` of the kernel's shape
+    (:meth:`radius_of`); :class:`~kernelgeo.optim.ConvergentRSGD` and
+    :class:`~kernelgeo.optim.RiemannianAdam` update any kernel manifold through them (the
+    *generic* path).  A fused update, which does not call them, is used only for a manifold
+    that declares its geometry and memory layout with :attr:`batched_layout`:
+
+    ``"rows"``
+        every component is a row of ``x.reshape(B, n)`` (a view of the kernel), on the
+        sphere of radius ``r`` (centred first when :attr:`batched_centered`): projection
+        :math:`u - \langle x, Cu\rangle x/r^2`, retraction :math:`r\,C y/\|C y\|`,
+        projection transport, embedded metric;
+    ``"columns"``
+        the same sphere geometry on the columns of every 2-D slice ``(a, b)`` of the kernel
+        (``kernelgeo.manifolds.oblique._slice_matrix``): ``x.reshape(o, i, a, b)[..., j]``;
+    ``"matrices"``
+        every component is an ``(n, p)`` frame with :math:`X^\top X = r^2 I` (the layout of
+        :class:`~kernelgeo.manifolds.Stiefel`, whose ``per`` and ``retraction`` attributes it
+        reads): projection :math:`U - X\,\mathrm{sym}(X^\top U)/r^2`, retraction
+        :math:`r\,\mathrm{qf}((X + U)/r)` (``retraction="qr"``, fused) or the polar factor
+        (``"polar"``, generic path), projection transport.
+
+    Each declared retraction is invariant to positive scaling of :math:`x + u`, which the
+    optimizer's overflow-safe reference path relies on.  The declaration covers the maths of
+    the class that makes it: a subclass that overrides a batched primitive, the centring or
+    the canonical layout (or code that replaces one on the class) without declaring
+    :attr:`batched_layout` again gets ``None`` from :meth:`effective_batched_layout` and is
+    updated by the generic path, with its own maths.
     """
 
     name = "kernel"
@@ -130,6 +172,35 @@ class KernelManifold(Manifold):
     reversible = False
     #: smallest tensor rank accepted (a conv weight has at least 3 dims, a linear weight 2)
     min_rank = 2
+    #: fused-update declaration: ``"rows"``, ``"columns"``, ``"matrices"`` or ``None`` (the
+    #: generic path only); see the class docstring.  Subclasses may make it a property.
+    batched_layout: str | None = None
+    #: with a ``"rows"`` or ``"columns"`` layout: whether vectors are centred (zero mean over
+    #: the component) before the sphere's projection
+    batched_centered: bool = False
+
+    def __init_subclass__(cls, **kwargs):
+        super().__init_subclass__(**kwargs)
+        if "batched_layout" in cls.__dict__:  # record the maths this declaration covers
+            cls._batched_declared = (cls, {n: getattr(cls, n, None) for n in _LAYOUT_MATHS})
+
+    def effective_batched_layout(self) -> str | None:
+        """:attr:`batched_layout` if the maths it was declared for is still this object's
+        (same batched primitives, centring and canonical layout as the declaring class had
+        when it was defined), else ``None``: optimizers then use the generic path."""
+        layout = self.batched_layout
+        if layout is None:
+            return None
+        if layout not in BATCHED_LAYOUTS:
+            raise ValueError(f"{type(self).__name__}.batched_layout={layout!r}; use one of "
+                             f"{BATCHED_LAYOUTS} or None")
+        decl = getattr(type(self), "_batched_declared", None)
+        if decl is None:
+            return None
+        cls = type(self)
+        if any(getattr(cls, n, None) is not f for n, f in decl[1].items()):
+            return None
+        return layout
 
     @property
     def ndim(self) -> int:
@@ -213,8 +284,31 @@ class KernelManifold(Manifold):
         """One-line description for reports, e.g. ``"64 x S^26(r=1)"``."""
         return f"{self.num_components(shape)} x {self.name}{self.point_shape(shape)}"
 
+    # ---------------------------------------------------------- batched protocol
+    def batched_projx(self, x: torch.Tensor, r: float) -> torch.Tensor:
+        """Metric projection of canonical points ``x`` ``(B, *point_shape)`` (radius ``r``)."""
+        return self._bprojx(x, r)
+
+    def batched_proju(self, x: torch.Tensor, u: torch.Tensor, r: float) -> torch.Tensor:
+        """Tangent projection :math:`P_{x_k}(u_k)` of every component, ``(B, *point_shape)``."""
+        return self._bproju(x, u, r)
+
+    def batched_retr(self, x: torch.Tensor, u: torch.Tensor, r: float) -> torch.Tensor:
+        """Retraction :math:`R_{x_k}(u_k)` of every component, ``(B, *point_shape)``."""
+        return self._bretr(x, u, r)
+
+    def batched_transp(self, x: torch.Tensor, y: torch.Tensor, v: torch.Tensor,
+                       r: float) -> torch.Tensor:
+        """Vector transport of ``v`` from :math:`T_{x_k}` to :math:`T_{y_k}` per component."""
+        return self._btransp(x, y, v, r)
+
+    def batched_inner(self, x: torch.Tensor, u: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        r"""Per-component inner product :math:`\langle u_k, v_k\rangle_{x_k}`, shape ``(B,)``."""
+        return self._binner(x, u, v)
+
     # ---------------------------------------------------------- batched primitives
-    # Every primitive takes canonical tensors of shape (B, *point_shape) and the radius r.
+    # Every primitive takes canonical tensors of shape (B, *point_shape) and the radius r;
+    # subclasses implement these (the public batched_* methods above call them).
     def _bprojx(self, x, r):  # pragma: no cover - abstract
         raise NotImplementedError
 

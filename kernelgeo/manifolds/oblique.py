@@ -60,6 +60,12 @@ class Oblique(RowSphere):
         self.per = per
         self.name = "oblique" if per == "column" else "oblique-slice"
 
+    @property
+    def batched_layout(self) -> str:
+        """``"columns"`` (``per="column"``) or ``"rows"`` (``per="slice"``): the optimizers'
+        fused sphere update applies (see :class:`~kernelgeo.manifolds.KernelManifold`)."""
+        return "columns" if self.per == "column" else "rows"
+
     def check_kernel_shape(self, shape):
         if len(shape) < 3:
             from .base import KernelShapeError

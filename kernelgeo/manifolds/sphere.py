@@ -178,6 +178,8 @@ class Sphere(RowSphere):
     """
 
     name = "sphere"
+    #: the optimizers' fused sphere update applies (see :class:`KernelManifold`)
+    batched_layout = "rows"
 
     def to_batch(self, x):
         return x.reshape(x.shape[0], -1)
@@ -203,6 +205,8 @@ class CenteredSphere(Sphere):
 
     name = "centered-sphere"
     min_row = 3
+    batched_layout = "rows"
+    batched_centered = True
 
     def _center(self, x):
         return x - x.mean(-1, keepdim=True)

@@ -194,6 +194,10 @@ class Stiefel(KernelManifold):
     the float64 polar projections of the inputs, and are not differentiable.
     """
 
+    #: ``(G, n, p)`` frames: the optimizers' fused Stiefel update applies with
+    #: ``retraction="qr"`` (see :class:`~kernelgeo.manifolds.KernelManifold`)
+    batched_layout = "matrices"
+
     def __init__(self, per: str = "filter", group_size: int | None = None,
                  retraction: str = "qr", radius: float = 1.0, radius_scale=None):
         if per not in ("filter", "slice"):

@@ -27,8 +27,10 @@ Batching: kernels (and blocks of product kernels) whose manifolds have the same
 :meth:`~kernelgeo.manifolds.KernelManifold.batch_key` (geometry, component shape, radius,
 retraction), dtype and device form one *class*; a step concatenates the canonical layouts
 (``to_batch``) of the class's points, gradients and first moments and runs the batched
-primitives (``_bproju``, ``_binner``, ``_bretr``, ``_btransp``) once per class (sphere-like
-classes retract by one normalisation, :math:`r(x+d)/\|x+d\|`).  Plain
+primitives (:meth:`~kernelgeo.manifolds.KernelManifold.batched_proju`, ``batched_inner``,
+``batched_retr``, ``batched_transp``) once per class (classes whose manifold declares a
+sphere layout, :attr:`~kernelgeo.manifolds.KernelManifold.batched_layout` ``"rows"`` or
+``"columns"``, retract by one normalisation, :math:`r(x+d)/\|x+d\|`).  Plain
 parameters (and kernelgeo/geoopt Euclidean manifold parameters) follow
 :class:`torch.optim.Adam` (L2 weight decay, ``foreach`` ops), with its state layout.
 
@@ -391,9 +393,9 @@ class RiemannianAdam(torch.optim.Optimizer):
                   for mem, st in zip(members, sts, strict=True)])
         if wd:
             g = g.add(x, alpha=wd)
-        u = m0._bproju(x, g, r)
+        u = m0.batched_proju(x, g, r)
         m = torch.lerp(m, u, 1 - b1)
-        v = v.mul(b2).add_(m0._binner(x, u, u), alpha=1 - b2)
+        v = v.mul(b2).add_(m0.batched_inner(x, u, u), alpha=1 - b2)
         steps = [st["step"] for st in sts]
         bc1, bc2 = self._corrections(group, steps)
         if group["amsgrad"]:
@@ -413,14 +415,16 @@ class RiemannianAdam(torch.optim.Optimizer):
             denom = base.div(c2).sqrt_().add_(eps)
             scale = (-lr / c1) / denom
         d = m * scale.view((-1,) + (1,) * (m.dim() - 1))
-        if _bt._is_fast_sphere(m0):
+        if m0.effective_batched_layout() in ("rows", "columns"):
             # the sphere's retraction r (x + d)/|x + d| without projx's guards against zero
             # and overflowing rows: |x + d|^2 = r^2 + |d|^2 for a tangent d
-            y = m0._center(x + d)
+            y = x + d
+            if m0.batched_centered:
+                y = y - y.mean(-1, keepdim=True)
             xn = y.mul_(r / torch.linalg.vector_norm(y, dim=-1, keepdim=True))
         else:
-            xn = m0._bretr(x, d, r)
-        mn = m0._btransp(x, xn, m, r)
+            xn = m0.batched_retr(x, d, r)
+        mn = m0.batched_transp(x, xn, m, r)
         xs, ms = xn.split([mem.n for mem in members]), mn.split([mem.n for mem in members])
         vs = v.split([mem.n for mem in members])
         vms = vmax.split([mem.n for mem in members]) if group["amsgrad"] else None

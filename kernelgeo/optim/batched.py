@@ -20,8 +20,9 @@ storage of the chunk, so the batched update needs no copy and ``state_dict()`` s
 per-parameter mapping.  After ``load_state_dict`` the plan is rebuilt and the loaded buffers are
 copied into fresh chunk storage.
 
-Specialised kernels (closed forms that save memory passes, mathematically identical to the
-generic update of :mod:`kernelgeo.optim.rsgd`):
+Layouts of the specialised updates (their maths, and where the same update is implemented in
+C and Triton: :mod:`kernelgeo.optim.geometries`; the kind of a kernel comes from its
+manifold's declared :attr:`~kernelgeo.manifolds.KernelManifold.batched_layout`):
 
 sphere rows (:class:`~kernelgeo.manifolds.Sphere`, centred sphere, oblique)
     :math:`u = G - \frac{\langle x,G\rangle}{r^2}x` (gradients centred first on the centred
@@ -58,11 +59,18 @@ from dataclasses import dataclass, field
 
 import torch
 
-from ..manifolds import Euclidean, KernelManifold, KernelProduct, Oblique, RowSphere, Stiefel
+from ..manifolds import Euclidean, KernelManifold, KernelProduct
 from ..manifolds.oblique import _slice_matrix
-from ..manifolds.stiefel import _qf
+from . import momentum as mom
 from . import native as _native
-from .step_rules import RuleConstants, rule_constants, step_sizes
+
+# the updates of a chunk live with their geometry (kernelgeo.optim.geometries); their names
+# stay importable from here
+from .geometries._common import Hyper  # noqa: F401
+from .geometries.generic import generic_apply, generic_prepare  # noqa: F401
+from .geometries.sphere import sphere_apply, sphere_prepare  # noqa: F401
+from .geometries.stiefel import stiefel_apply, stiefel_prepare  # noqa: F401
+from .step_rules import RuleConstants, rule_constants
 
 __all__ = ["Member", "Chunk", "NativeMember", "GroupPlan", "build_group_plan", "classify"]
 
@@ -88,16 +96,15 @@ def classify(p: torch.Tensor):
     return "foreign", m
 
 
-def _is_fast_sphere(m) -> bool:
-    # RowSphere subclasses whose only change is the layout (and optionally centring)
-    return isinstance(m, RowSphere) and type(m)._bproju is RowSphere._bproju and \
-        type(m)._bretr is RowSphere._bretr
-
-
 def _kind(m: KernelManifold) -> str:
-    if _is_fast_sphere(m):
+    """The update a (non-product) kernel manifold gets, from its declared batched layout
+    (:meth:`~kernelgeo.manifolds.KernelManifold.effective_batched_layout`): ``"sphere"``
+    (rows, or uncentred columns), ``"stiefel"`` (frames with the QR retraction) or
+    ``"generic"`` (the manifold's own batched primitives)."""
+    layout = m.effective_batched_layout()
+    if layout == "rows" or (layout == "columns" and not m.batched_centered):
         return "sphere"
-    if isinstance(m, Stiefel) and m.retraction == "qr" and type(m)._bretr is Stiefel._bretr:
+    if layout == "matrices" and getattr(m, "retraction", None) == "qr":
         return "stiefel"
     return "generic"
 
@@ -117,8 +124,8 @@ class _Layout:
         self.center = False
         self.soa = False
         if kind == "sphere":
-            self.center = type(m)._center is not RowSphere._center
-            if isinstance(m, Oblique) and m.per == "column" and not self.center:
+            self.center = bool(m.batched_centered)
+            if m.batched_layout == "columns":
                 a, b = _slice_matrix(shape)
                 # gathered/scattered by transposing copies into the SoA workspace (a, b*N)
                 self.tail, self.dim, self.soa = (a * b,), 0, True
@@ -126,7 +133,7 @@ class _Layout:
             else:
                 self.tail, self.dim = tuple(m.point_shape(shape)), -1
         elif kind == "stiefel":
-            g, n, p = m._np(shape)
+            n, p = m.point_shape(shape)
             if m.per == "filter":
                 self.tail = (p, n)  # kernel.reshape(G, p, n) is X^T: the row layout
             else:
@@ -429,8 +436,8 @@ def _attach_soa_momentum(chunk: Chunk, state, new_bufs: dict) -> None:
     storage = torch.zeros_like(chunk.ws_x)
     fresh_rows, fresh_members, pairs = [], [], ([], [])
     for mem, off, nr in chunk.soa_cols:
-        blocks = state[mem.param].get("momentum_blocks")
-        if blocks is None or blocks[mem.block] is None:
+        buf = mom.kernel_block(state, mem.param, mem.block)
+        if buf is None:
             key = (id(mem.param), mem.block)
             if key not in new_bufs:
                 new_bufs[key] = torch.zeros(mem.shape, dtype=storage.dtype,
@@ -439,9 +446,9 @@ def _attach_soa_momentum(chunk: Chunk, state, new_bufs: dict) -> None:
             fresh_members.append((mem, buf))
             fresh_rows.append(torch.ones(nr, dtype=torch.bool))
         else:
-            buf = blocks[mem.block]
             if not buf.is_contiguous():  # row ranges of a split block need rows
-                buf = blocks[mem.block] = buf.contiguous()
+                buf = buf.contiguous()
+                mom.set_kernel_block(state, mem.param, mem.block, buf)
             _ws_view(mem, storage, off, nr).copy_(_soa_view(mem, lay, buf, True))
             fresh_rows.append(torch.zeros(nr, dtype=torch.bool))
         pairs[0].append(_soa_view(mem, lay, buf, True))
@@ -471,10 +478,9 @@ def attach_momentum(chunk: Chunk, state, new_bufs: dict) -> None:
         return
     if len(mems) == 1:
         mem = mems[0]
-        st = state[mem.param]
-        blocks = st.get("momentum_blocks")
+        buf = mom.kernel_block(state, mem.param, mem.block)
         key = (id(mem.param), mem.block)
-        if blocks is None or blocks[mem.block] is None:
+        if buf is None:
             if key not in new_bufs:
                 new_bufs[key] = torch.zeros(mem.shape, dtype=mem.param.dtype,
                                             device=mem.param.device)
@@ -482,10 +488,9 @@ def attach_momentum(chunk: Chunk, state, new_bufs: dict) -> None:
             chunk.fresh = True
             chunk.fresh_members = [(mem, buf)]
         else:
-            buf = blocks[mem.block]
             if not buf.is_contiguous():
                 buf = buf.contiguous()
-                blocks[mem.block] = buf
+                mom.set_kernel_block(state, mem.param, mem.block, buf)
             chunk.fresh = None
         v = lay.view(buf)
         chunk.buf_param = buf if not _shares(v, buf) else None
@@ -499,14 +504,13 @@ def attach_momentum(chunk: Chunk, state, new_bufs: dict) -> None:
         n = math.prod(mem.shape)
         dst = flat[off:off + n].view(mem.shape)
         off += n
-        st = state[mem.param]
-        blocks = st.get("momentum_blocks")
-        if blocks is None or blocks[mem.block] is None:
+        old = mom.kernel_block(state, mem.param, mem.block)
+        if old is None:
             fresh_members.append((mem, dst))
             fresh_rows.append(torch.ones(mem.nrows, dtype=torch.bool))
         else:
-            dst.copy_(blocks[mem.block])
-            blocks[mem.block] = dst
+            dst.copy_(old)
+            mom.set_kernel_block(state, mem.param, mem.block, dst)
             fresh_rows.append(torch.zeros(mem.nrows, dtype=torch.bool))
     chunk.storage = flat
     chunk.buf = lay.view(flat)
@@ -523,25 +527,23 @@ def attach_native_momentum(nm: NativeMember, state, new_bufs: dict) -> None:
     """The state tensor itself is the buffer the fused kernel updates (with the strides of the
     parameter's block, so that entries correspond one to one)."""
     x = nm.sub(nm.param.detach())
-    blocks = state[nm.param].get("momentum_blocks")
-    if blocks is None or blocks[nm.block] is None:
+    buf = mom.kernel_block(state, nm.param, nm.block)
+    if buf is None:
         key = (id(nm.param), nm.block)
         if key not in new_bufs:
             new_bufs[key] = torch.zeros_like(x)  # preserves the block's strides
         nm.buf, nm.fresh = new_bufs[key], True
     else:
-        buf = blocks[nm.block]
         if buf.stride() != x.stride() or buf.dtype != x.dtype:
-            buf = blocks[nm.block] = torch.empty_like(x).copy_(buf)
+            buf = torch.empty_like(x).copy_(buf)
+            mom.set_kernel_block(state, nm.param, nm.block, buf)
         nm.buf, nm.fresh = buf, False
 
 
 def commit_fresh(chunk: Chunk, state, nblocks) -> None:
     """After the first successful step of new buffers, publish them in the state."""
     for mem, buf in chunk.fresh_members:
-        st = state[mem.param]
-        blocks = st.setdefault("momentum_blocks", [None] * nblocks(mem.param))
-        blocks[mem.block] = buf
+        mom.set_kernel_block(state, mem.param, mem.block, buf, nblocks(mem.param))
     chunk.fresh_members = []
     chunk.fresh = None
 
@@ -596,188 +598,3 @@ def scatter(chunk: Chunk, x: torch.Tensor) -> None:
             mem.sub(mem.param.detach()).copy_(lay.to_shape(xs, mem.shape))
     if dst:
         torch._foreach_copy_(dst, src)
-
-
-# ---------------------------------------------------------------------------------- kernels
-def _dot(a: torch.Tensor, b: torch.Tensor, dim: int, out: torch.Tensor | None = None
-         ) -> torch.Tensor:
-    """Row-wise inner products along ``dim``, keepdim, without a full-size temporary.
-
-    ``vecdot`` for rows; for the SoA layout (``dim=0``, a few long contiguous rows) a chain of
-    ``addcmul`` over the rows, which beats ``(a*b).sum(0)``; a reduction over a short strided
-    dim (slow in torch) is unrolled into a few adds of slices.  Full-size temporaries are
-    avoided on purpose: a fresh multi-MB allocation costs page faults on every step; ``out``
-    (flat scratch, at least ``a.numel()``) holds the products of rows when given.
-    """
-    if dim == -1 or (dim != 0 and a.shape[dim] > 8):
-        if out is not None and out.numel() >= a.numel():
-            return torch.mul(a, b, out=out[:a.numel()].view(a.shape)).sum(dim, keepdim=True)
-        return torch.linalg.vecdot(a, b, dim=dim).unsqueeze(dim)
-    if dim == 0:
-        out = a[0] * b[0]
-        for k in range(1, a.shape[0]):
-            out.addcmul_(a[k], b[k])
-        return out.unsqueeze(0)
-    p = a * b
-    parts = p.unbind(dim)
-    out = parts[0] + parts[1] if len(parts) > 1 else parts[0].clone()
-    for q in parts[2:]:
-        out.add_(q)
-    return out.unsqueeze(dim)
-
-
-def _norm(a: torch.Tensor, dim: int) -> torch.Tensor:
-    if dim == -1 or (dim != 0 and a.shape[dim] > 8):
-        return torch.linalg.vector_norm(a, dim=dim, keepdim=True)
-    return _dot(a, a, dim).sqrt_()
-
-
-_HALF = (torch.float16, torch.bfloat16)
-
-
-def _sym(a):
-    return 0.5 * (a + a.transpose(-1, -2))
-
-
-@dataclass
-class Hyper:
-    lr: object  # float or per-row tensor (layer scaling)
-    momentum: float
-    dampening: float
-    nesterov: bool
-    wd: float  # applied to the manifold gradient (decay_manifold or flat factor)
-    short: bool = False  # every step is known (host-side bound) to be at most 3r long
-
-
-def _momentum(chunk: Chunk, u: torch.Tensor, h: Hyper) -> torch.Tensor:
-    """Update the chunk's buffer with the tangent vector ``u``; return the step direction."""
-    b = chunk.buf
-    if chunk.fresh is True:
-        b.copy_(u)
-    elif chunk.fresh is None:
-        b.mul_(h.momentum).add_(u, alpha=1.0 - h.dampening)
-    else:  # some rows start now: B = u there (torch's first-step rule), mu B + (1-d) u elsewhere
-        # built in u's dtype: a float32 1 - dampening would be off by ~1e-8 in float64
-        coef = torch.full(chunk.fresh.shape, 1.0 - h.dampening, dtype=u.dtype,
-                          device=u.device).masked_fill_(chunk.fresh, 1.0)
-        if not chunk.layout.soa:  # SoA masks are stored in their broadcast shape
-            coef = coef.view((-1,) + (1,) * (u.dim() - 1))
-        b.mul_(h.momentum).addcmul_(u, coef)
-    return torch.add(u, b, alpha=h.momentum) if h.nesterov else b
-
-
-def sphere_prepare(chunk: Chunk, x, g):
-    lay = chunk.layout
-    if lay.center:
-        g = g - g.mean(-1 if lay.dim == -1 else -2, keepdim=True)
-    return g, _dot(x, g, lay.dim, chunk.scratch)
-
-
-def sphere_apply(chunk: Chunk, x, g, s, h: Hyper, stats: list | None):
-    lay = chunk.layout
-    r2 = lay.r * lay.r
-    a = s / r2
-    fast = h.momentum > 0 and chunk.fresh is None and h.dampening == 0 and not h.nesterov
-    if fast:  # B = mu B + G - a x: two passes, u never materialised
-        b = chunk.buf
-        torch.add(g, b, alpha=h.momentum, out=b)
-        b.addcmul_(x, a, value=-1.0)
-        d = b
-    else:
-        u = torch.addcmul(g, x, a, value=-1.0)
-        d = _momentum(chunk, u, h) if h.momentum > 0 else u
-    rn = _norm(d, lay.dim)
-    n2 = rn.square()
-    step = step_sizes(h.lr, rn, chunk.consts)
-    if h.momentum > 0:
-        db = n2 if d is chunk.buf else _dot(d, chunk.buf, lay.dim)
-    x.addcmul_(d, step, value=-1.0)
-    c = _norm(x, lay.dim).reciprocal_().mul_(lay.r)
-    x.mul_(c)
-    if h.momentum > 0:
-        chunk.buf.addcmul_(x, c * step * db / r2)
-    if stats is not None:
-        stats.append((rn.flatten(), step.flatten(), chunk.consts))
-    return x
-
-
-def stiefel_prepare(chunk: Chunk, x, g):
-    # the chunk layout is already the row layout X^T (G, p, n)
-    return g, x @ g.transpose(-1, -2)  # X^T G, (G, p, p)
-
-
-def stiefel_apply(chunk: Chunk, x, gt, a, h: Hyper, stats: list | None):
-    """Row-layout Stiefel step; ``x`` is the chunk view, ``gt`` the row-layout gradient.
-
-    Returns the new points: written into ``x`` when the chunk works in place on the
-    parameter, else a fresh tensor for :func:`scatter` (saves one copy).
-    """
-    lay = chunk.layout
-    r2 = lay.r * lay.r
-    xt, bt = x, chunk.buf
-    # sym(A)/r^2 = (A + A^T) * (0.5/r^2): the factor goes into the baddbmm's alpha
-    sm = a + a.mT
-    fast = h.momentum > 0 and chunk.fresh is None and h.dampening == 0 and not h.nesterov
-    if fast:
-        torch.add(gt, bt, alpha=h.momentum, out=bt)
-        bt.baddbmm_(sm, xt, alpha=-0.5 / r2)
-        d = bt
-    else:
-        u = torch.baddbmm(gt, sm, xt, alpha=-0.5 / r2)
-        d = _momentum(chunk, u, h) if h.momentum > 0 else u
-    rn = torch.linalg.vector_norm(d, dim=(-1, -2))
-    step = step_sizes(h.lr, rn, chunk.consts)
-    m = torch.addcmul(xt, step.view(-1, 1, 1), d, value=-1.0)
-    # half precision: the factorisation in float32 (torch has no half Cholesky/QR on the CPU)
-    wm = m.float() if m.dtype in _HALF else m
-    gram = torch.bmm(wm, wm.mT)
-    if r2 != 1.0:
-        gram.div_(r2)
-    low, info = torch.linalg.cholesky_ex(gram)
-    # Cholesky-QR loses orthogonality like eps * cond(M^T M) <= eps * (1 + (g|d|/r)^2): a
-    # failed factorisation or a long step (huge learning rate, rule "none") takes Householder
-    # QR instead (one synchronisation per chunk, unless the optimizer's bounds show that
-    # every step is short: then M^T M has condition <= 10 and the factorisation succeeds)
-    if not h.short and bool(info.any() | ((step * rn).max() > 3.0 * lay.r)):
-        xn = (lay.r * _qf(wm.mT / lay.r)).mT
-    else:
-        # L^{-1} M as (M^T L^{-T})^T: on the transposed views the solve runs on column-major
-        # operands without copies (2-3x faster than solving L X = M on row-major M, measured)
-        xn = torch.linalg.solve_triangular(low.mT, wm.mT, upper=True, left=False).mT
-    xn = xn.to(m.dtype)
-    if h.momentum > 0:
-        c = torch.bmm(xn, bt.mT)
-        bt.baddbmm_(c + c.mT, xn, alpha=-0.5 / r2)
-    if stats is not None:
-        stats.append((rn, step, chunk.consts))
-    if chunk.inplace:
-        xt.copy_(xn)
-        return x
-    return xn
-
-
-def generic_prepare(chunk: Chunk, x, g, h: Hyper):
-    m, r = chunk.layout.m, chunk.layout.r
-    if h.wd:
-        g = g + h.wd * x
-    u = m._bproju(x, g, r)
-    return u, u
-
-
-def generic_apply(chunk: Chunk, x, u, h: Hyper, stats: list | None):
-    m, r = chunk.layout.m, chunk.layout.r
-    d = _momentum(chunk, u, h) if h.momentum > 0 else u
-    rn = m._binner(x, d, d).clamp_min(0).sqrt()
-    step = step_sizes(h.lr, rn, chunk.consts)
-    v = -step.view((-1,) + (1,) * (d.dim() - 1)) * d
-    if x.dtype in _HALF:  # retractions factorise (QR, SVD): float32, as torch has no half
-        xn = m._bretr(x.float(), v.float(), r).to(x.dtype)
-    else:
-        xn = m._bretr(x, v, r)
-    if h.momentum > 0:
-        chunk.buf.copy_(m._btransp(x, xn, chunk.buf, r))
-        if chunk.buf_param is not None:  # layout was a copy: publish into the state tensor
-            chunk.buf_param.copy_(chunk.layout.to_shape(chunk.buf, chunk.members[0].shape))
-    if stats is not None:
-        stats.append((rn, step, chunk.consts))
-    return xn

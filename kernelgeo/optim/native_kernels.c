@@ -2,8 +2,9 @@
  * Fused Riemannian SGD steps of kernelgeo for sphere-like kernel layouts (CPU).
  *
  * Compiled on first use by kernelgeo/optim/native.py with the system C compiler and
- * loaded with ctypes; the Python fast path (kernelgeo/optim/batched.py) is used when no
- * compiler is available.  The maths is that of kernelgeo.optim.batched.sphere_apply.
+ * loaded with ctypes; the Python fast path (kernelgeo/optim/geometries/sphere.py) is used
+ * when no compiler is available.  The maths is that of
+ * kernelgeo.optim.geometries.sphere.sphere_apply.
  *
  * Layout of one kernel ("item"): nblk blocks of a*s contiguous entries.  Component
  * (blk, j), j < s, is the vector of the a entries blk*a*s + k*s + j, k < a:
@@ -40,23 +41,25 @@
 #define KG_SHORT 16 /* components this short go to the vectorised short kernel */
 #define KG_W 16     /* components per batch of the short kernel */
 
-typedef struct {
-    void *x;           /* kernel, dense, in the layout above */
-    const void *g;     /* gradient, same layout */
-    void *b;           /* momentum buffer, same layout (NULL: no momentum) */
-    double *rn_out;    /* per component ||d|| (NULL: not recorded) */
-    double *step_out;  /* per component step size (NULL: not recorded) */
-    int64_t nblk, a, s;
-    int32_t center, fresh;
-    double lr, r, cap;
-    int32_t rule; /* 0: no cap (rule none, or flat), 1: step length capped at cap */
-    int32_t pad;
-} kg_item;
+/* kg_item (one kernel of a step) and the step-rule codes KG_RULE_CAPPED / KG_RULE_UNCAPPED
+ * come from kg_generated.h, which kernelgeo/optim/native.py writes at every build from its
+ * ITEM_FIELDS and from the rule table of kernelgeo/optim/step_rules.py (c_header): the ctypes
+ * structure and this code share one definition. */
+#include "kg_generated.h"
+
+/* The layout of kg_item as this library was compiled (size, field offsets) and the rule
+ * codes, compared with the ctypes structure by native.check_abi before any step: returns
+ * the number of values (n or more: fills n). */
+int64_t kg_abi(int64_t *out, int64_t n) {
+    const int64_t m = (int64_t)(sizeof kg_abi_table / sizeof kg_abi_table[0]);
+    for (int64_t i = 0; i < n && i < m; ++i) out[i] = kg_abi_table[i];
+    return m;
+}
 
 /* g_k = lambda / max(1, Gamma_k), Gamma_k = lambda R_k / cap:
  * kernelgeo.optim.step_rules.step_sizes */
 static double kg_step_size(const kg_item *it, double rn) {
-    if (it->rule != 1)
+    if (it->rule != KG_RULE_CAPPED)
         return it->lr;
     double gam = rn * (it->lr / it->cap);
     return it->lr / (gam > 1.0 ? gam : 1.0);
@@ -425,7 +428,7 @@ static void NAME(short_any)(const kg_item *it, double mu, double damp, int nest)
 #pragma omp simd
         for (int64_t w = 0; w < KG_W; ++w) {
             const T rn = SQRT(dd[w]);
-            T gam = rule == 1 ? rn * lr_rm : 0;
+            T gam = rule == KG_RULE_CAPPED ? rn * lr_rm : 0;
             st[w] = lr / (gam > 1 ? gam : 1);
             dd[w] = rn;
         }
@@ -490,7 +493,7 @@ static inline __attribute__((always_inline)) int64_t NAME(short3_core)(
     const T cu = (T)(it->fresh ? 1.0 : 1.0 - damp), mb = (T)(it->fresh ? 0.0 : mu);
     const T third = (T)(1.0 / 3.0);
     const T lr = (T)it->lr;
-    const T lr_rm = (T)(it->lr / it->cap), w1 = (T)(rule == 1);
+    const T lr_rm = (T)(it->lr / it->cap), w1 = (T)(rule == KG_RULE_CAPPED);
     const T big = (T)(sizeof(T) == 4 ? 3.4028234663852886e38 : 1.7976931348623157e308);
     int64_t nok = 0;
 #pragma omp simd reduction(+ : nok)

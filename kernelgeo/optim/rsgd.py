@@ -26,8 +26,12 @@ transported, i.e. tangent at the current point.  Euclidean parameters follow
 ``torch.optim.SGD`` exactly (weight decay included, no step rule: flat factors need none).
 See :mod:`kernelgeo.optim.step_rules` for :math:`\Gamma_k` and the assumptions of the
 convergence guarantee, :mod:`kernelgeo.optim.schedules` for :math:`\lambda(t)`,
-:mod:`kernelgeo.optim.scaling` for :math:`m_\ell`, :mod:`kernelgeo.optim.batched` for the
-batched torch path and :mod:`kernelgeo.optim.native` for the fused CPU kernels.
+:mod:`kernelgeo.optim.scaling` for :math:`m_\ell`, :mod:`kernelgeo.optim.geometries` for the
+update of each geometry (torch ops; pointers to the reference, C and Triton versions),
+:mod:`kernelgeo.optim.batched` for the chunks of the batched path,
+:mod:`kernelgeo.optim.native` for the fused CPU kernels and :mod:`kernelgeo.optim.momentum`
+for the momentum state.  This module holds the orchestration: param groups, validation, the
+overflow pre-pass, plan caching and the dispatch to the backends.
 """
 
 from __future__ import annotations
@@ -38,12 +42,13 @@ import warnings
 import torch
 
 from .._compat import RiemannianSGD
-from ..manifolds import KernelProduct, RowSphere, Stiefel
-from ..manifolds.stiefel import _qf
+from ..manifolds import KernelProduct
 from . import batched as bt
+from . import geometries as geo
+from . import momentum as mom
 from . import native as _native
 from .schedules import GuaranteeWarning, check_robbins_monro
-from .step_rules import RULES, check_rule_args, rule_constants, step_sizes
+from .step_rules import DEFAULT_MAX_STEP, RULES, check_rule_args
 
 __all__ = ["ConvergentRSGD", "NonFiniteGradientError", "StepOverflowError"]
 
@@ -57,9 +62,6 @@ class NonFiniteGradientError(FloatingPointError):
 class StepOverflowError(FloatingPointError):
     """The new value of a parameter or of its momentum is not representable in its dtype
     (finite gradients and learning rate, but their product overflows); nothing was changed."""
-
-
-_HALF = (torch.float16, torch.bfloat16)
 
 
 def _check_hyper(where: str, h: dict) -> None:
@@ -95,11 +97,11 @@ def _check_hyper(where: str, h: dict) -> None:
 def _describe(p) -> str:
     """Shape and geometry of a parameter, for messages."""
     m = getattr(p, "manifold", None)
-    geo = "Euclidean" if m is None else getattr(m, "name", None) or type(m).__name__
+    what = "Euclidean" if m is None else getattr(m, "name", None) or type(m).__name__
     if isinstance(m, KernelProduct):
-        geo = "product " + "+".join(getattr(b, "name", type(b).__name__)
-                                    for b, _ in m.blocks(p.shape))
-    return f"shape {tuple(p.shape)}, {p.dtype}, {geo}"
+        what = "product " + "+".join(getattr(b, "name", type(b).__name__)
+                                     for b, _ in m.blocks(p.shape))
+    return f"shape {tuple(p.shape)}, {p.dtype}, {what}"
 
 
 def _nblocks(p) -> int:
@@ -230,7 +232,8 @@ class ConvergentRSGD(RiemannianSGD):
     """
 
     def __init__(self, params, lr, momentum=0, dampening=0, weight_decay=0, nesterov=False, *,
-                 step_rule: str = "gsgd", rho: float | None = None, max_step: float = 0.5,
+                 step_rule: str = "gsgd", rho: float | None = None,
+                 max_step: float = DEFAULT_MAX_STEP,
                  radius_scaling=None, stabilize: int | None = 100, nonfinite: str = "raise",
                  decay_manifold: bool = False, batched: bool = True, log_stats: bool = False,
                  guarantee: bool = False, chunk_numel: int = 1 << 18,
@@ -315,7 +318,7 @@ class ConvergentRSGD(RiemannianSGD):
         rule = param_group.get("step_rule", self.defaults["step_rule"])
         if rule not in RULES:
             raise ValueError(f"unknown step_rule {rule!r}; use one of {RULES}")
-        check_rule_args(param_group.get("rho"), param_group.get("max_step", 0.5))
+        check_rule_args(param_group.get("rho"), param_group.get("max_step", DEFAULT_MAX_STEP))
         _check_hyper(f"param_groups[{len(self.param_groups)}]: ", param_group)
         super().add_param_group(param_group)
         self._plan = None
@@ -408,7 +411,7 @@ class ConvergentRSGD(RiemannianSGD):
                     t = bm.proju(psub.detach(), bl[b])
                     off = _norm64(t - bl[b])
                     if off > rtol * _norm64(bl[b]):
-                        bl[b] = t.contiguous()
+                        mom.set_kernel_block(self.state, p, b, t.contiguous())
 
     def set_schedule(self, scheduler) -> bool:
         """Register the LR scheduler used; checks the Robbins–Monro conditions (warns)."""
@@ -568,36 +571,14 @@ class ConvergentRSGD(RiemannianSGD):
         for _, _, _, new, name, what, p in commits:
             if isinstance(new, torch.Tensor) and not bool(torch.isfinite(new).all()):
                 return self._overflow(name, what, p)
-        for op, target, key, new, *_ in commits:
-            if op == "copy":
-                target.copy_(new)
-            elif op == "set":
-                target[key] = new
+        _apply_commits(commits)
         self._bound = None  # buffers changed outside the fast path's bookkeeping
         if stats is not None:
             self._publish_stats(stats)
         return True
 
     def _ref_euclid(self, group, p, name, commits):
-        dt = p.dtype
-        x = p.detach().double()
-        g = p.grad.double()
-        wd, mu, damp = group["weight_decay"], group["momentum"], group["dampening"]
-        if wd:
-            g = g.add(x, alpha=wd)
-        if mu:
-            st = self.state[p]
-            buf = st.get("momentum_buffer")
-            if buf is None:
-                nb = g.clone()
-                commits.append(("set", st, "momentum_buffer", nb.to(dt), name,
-                                "momentum buffer", p))
-            else:
-                nb = buf.double().mul_(mu).add_(g, alpha=1 - damp)
-                commits.append(("copy", buf, None, nb.to(dt), name, "momentum buffer", p))
-            g = g.add(nb, alpha=mu) if group["nesterov"] else nb
-        commits.append(("copy", p, None, x.add_(g, alpha=-float(group["lr"])).to(dt), name,
-                        "value", p))
+        geo.euclidean.reference_euclid_step(self.state, group, p, name, commits)
 
     def _foreign(self, group, p, m, name, commits):
         """Other geoopt manifolds: plain Riemannian SGD (no step rule, no batching)."""
@@ -605,95 +586,14 @@ class ConvergentRSGD(RiemannianSGD):
             warnings.warn(f"{type(m).__name__} is not a kernelgeo manifold: its parameters get "
                           "plain Riemannian SGD without the step rule", stacklevel=3)
             self._warned_foreign = True
-        mu, damp = group["momentum"], group["dampening"]
-        u = m.egrad2rgrad(p, p.grad.clone())
-        if mu:
-            st = self.state[p]
-            buf = st.get("momentum_buffer")
-            nb = u.clone() if buf is None else buf.mul(mu).add_(u, alpha=1 - damp)
-            d = u.add(nb, alpha=mu) if group["nesterov"] else nb
-            new, nbuf = m.retr_transp(p, -group["lr"] * d, nb)
-            if buf is None:
-                commits.append(("set", st, "momentum_buffer", nbuf, name, "momentum buffer",
-                                p))
-            else:
-                commits.append(("copy", buf, None, nbuf, name, "momentum buffer", p))
-        else:
-            new = m.retr(p, -group["lr"] * u)
-        commits.append(("copy", p, None, new, name, "value", p))
+        geo.generic.foreign_step(self.state, group, p, m, name, commits)
 
     def _ref_kernel(self, group, p, m, stats, name, commits):
-        mu, damp = group["momentum"], group["dampening"]
         lr = float(group["lr"])
         mult = self._multiplier(p)
         if mult is not None:
             lr = lr * float(mult)
-        blocks = m.blocks(p.shape) if isinstance(m, KernelProduct) else [(m, None)]
-        st = self.state[p]
-        bl = st.get("momentum_blocks") if mu else None
-        new_bl = None
-        if mu and bl is None:
-            new_bl = [None] * len(blocks)
-            commits.append(("set", st, "momentum_blocks", new_bl, name, "momentum", p))
-        wd = group["weight_decay"]
-        for b, (bm, bidx) in enumerate(blocks):
-            bidx = None if bidx is None or len(blocks) == 1 else bidx
-            shape = tuple(p.shape) if bidx is None else KernelProduct._sub(p.shape, bidx)
-            psub = p.detach() if bidx is None else p.detach()[bidx]
-            r = bm.radius_of(shape)
-            x = bm.to_batch(psub).double()
-            gr = bm.to_batch(p.grad if bidx is None else p.grad[bidx]).double()
-            consts = rule_constants(group["step_rule"], bm, shape, rho=group["rho"],
-                                    max_step=group["max_step"])
-            decay = bool(wd) and (consts.flat or group["decay_manifold"])
-            old = None if not mu or bl is None or bl[b] is None else bl[b]
-            b0 = None if old is None else bm.to_batch(old).double()
-            # divide gradient and buffer by their largest entry: u, B and d are linear in them
-            sc = float(gr.abs().max()) if gr.numel() else 0.0
-            if b0 is not None and b0.numel():
-                sc = max(sc, float(b0.abs().max()))
-            if decay and x.numel():
-                sc = max(sc, wd * float(x.abs().max()))
-            sc = sc if 0.0 < sc < math.inf else 1.0
-            gs = gr / sc
-            if decay:
-                gs = gs + (wd / sc) * x
-            u = bm._bproju(x, gs, r)
-            if mu:
-                nb = u.clone() if b0 is None else (b0 / sc).mul_(mu).add_(u, alpha=1 - damp)
-                d = u.add(nb, alpha=mu) if group["nesterov"] else nb
-            else:
-                d = u
-            rn_s = bm._binner(x, d, d).clamp_min(0).sqrt()
-            # the rule sees the true norm (float64: finite for any float32 data; a float64
-            # norm beyond its range refuses the step)
-            rn = rn_s * sc
-            commits.append(("check", None, None, rn, name, "direction norm", p))
-            g = step_sizes(lr, rn, consts)
-            a = g * sc  # displacement = a * d (scaled units); may overflow float64
-            shape_b = (-1,) + (1,) * (d.dim() - 1)
-            pos = rn_s > 0
-            if _scale_invariant(bm):
-                # R(x - a d) = R(x/t - (a/t) d), t = max(1, a |d| / r): arguments stay O(r)
-                coef = torch.where(pos, torch.minimum(a, r / rn_s.clamp_min(1e-300)), 0.0)
-                tinv = torch.where(pos, torch.clamp(r / (a * rn_s), max=1.0), 1.0)
-                tinv = torch.nan_to_num(tinv, nan=1.0)
-                xn = bm._bretr(x * tinv.view(shape_b), -coef.view(shape_b) * d, r)
-            else:
-                xn = bm._bretr(x, -a.view(shape_b) * d, r)
-            commits.append(("copy", psub, None, bm.from_batch(xn, shape).to(p.dtype), name,
-                            "value", p))
-            if mu:
-                nbt = bm._btransp(x, xn, nb, r) * sc
-                nb_new = bm.from_batch(nbt, shape).to(p.dtype).contiguous()
-                if old is not None:
-                    commits.append(("copy", old, None, nb_new, name, "momentum", p))
-                else:
-                    target = new_bl if new_bl is not None else bl
-                    commits.append(("set", target, b, nb_new, name, "momentum", p))
-            if stats is not None:
-                stats.setdefault(id(group), []).append(
-                    (rn.to(p.dtype), g.to(p.dtype), consts))
+        geo.generic.reference_kernel_step(self.state, group, p, m, lr, stats, name, commits)
 
     # -------------------------------------------------------------- batched path
     def _signature(self):
@@ -808,24 +708,14 @@ class ConvergentRSGD(RiemannianSGD):
         x, g, inplace = bt.gather(ch, _grad)
         h = self._hyper(group, ch)
         h.short = float(group["lr"]) * self._dbound <= 3.0 * ch.layout.r
-        if ch.kind == "sphere":
-            g, c = bt.sphere_prepare(ch, x, g)
-        elif ch.kind == "stiefel":
-            g, c = bt.stiefel_prepare(ch, x, g)
-        else:
-            g, c = bt.generic_prepare(ch, x, g, h)
+        g, c = geo.GEOMETRIES[ch.kind].prepare(ch, x, g, h)
         return ch, x, g, c, inplace, h
 
     def _apply_chunk(self, group, item, stats) -> None:
         """Step one chunk prepared by :meth:`_prepare_chunk` and write it back."""
         ch, x, g, c, inplace, h = item
         h.lr = self._chunk_lr(group, ch, c.dim() if ch.kind == "sphere" else 1)
-        if ch.kind == "sphere":
-            xn = bt.sphere_apply(ch, x, g, c, h, stats)
-        elif ch.kind == "stiefel":
-            xn = bt.stiefel_apply(ch, x, g, c, h, stats)
-        else:
-            xn = bt.generic_apply(ch, x, c, h, stats)
+        xn = geo.GEOMETRIES[ch.kind].apply(ch, x, g, c, h, stats)
         if not inplace:
             bt.scatter(ch, xn)
         if ch.fresh_members:
@@ -837,11 +727,7 @@ class ConvergentRSGD(RiemannianSGD):
         p = group["params"][i]
         commits: list = []
         self._foreign(group, p, p.manifold, self._name(group, i), commits)
-        for op, target, key, new, *_ in commits:
-            if op == "copy":
-                target.copy_(new)
-            else:
-                target[key] = new
+        _apply_commits(commits)
 
     def _prepass(self, plans) -> tuple[float, list]:
         """An upper bound of the 2-norm of every gradient of the step (NaN or Inf if one is
@@ -982,8 +868,7 @@ class ConvergentRSGD(RiemannianSGD):
                     it.b = None if nm.buf is None else nm.buf.data_ptr()
                     it.nblk, it.a, it.s = nm.nblk, nm.a, nm.s
                     it.center, it.r = int(nm.layout.center), float(nm.layout.r)
-                    it.rule = int(math.isfinite(c.cap))  # 0: g = lr, 1: capped at c.cap
-                    it.cap = c.cap if it.rule else 1.0
+                    it.rule, it.cap = c.code, c.kernel_cap  # the step_rules table's codes
                 # like torch's own CPU kernels, use its threads for large steps (one part per
                 # thread, at least NATIVE_GRAIN entries each; kernels are never split)
                 numel = sum(nm.nblk * nm.a * nm.s for nm in mems)
@@ -1034,73 +919,22 @@ class ConvergentRSGD(RiemannianSGD):
             torch.autograd.graph.increment_version(touched)
             for nm in mems:
                 if nm.fresh and nm.buf is not None:
-                    st_ = self.state[nm.param]
-                    blocks = st_.setdefault("momentum_blocks", [None] * _nblocks(nm.param))
-                    blocks[nm.block] = nm.buf
+                    mom.set_kernel_block(self.state, nm.param, nm.block, nm.buf,
+                                         _nblocks(nm.param))
                 nm.fresh = False
         return out
 
-    def _hyper(self, group, ch) -> bt.Hyper:
+    def _hyper(self, group, ch) -> geo.Hyper:
         wd = group["weight_decay"] if (ch.consts.flat or group["decay_manifold"]) else 0.0
-        return bt.Hyper(lr=group["lr"], momentum=group["momentum"],
+        return geo.Hyper(lr=group["lr"], momentum=group["momentum"],
                         dampening=group["dampening"], nesterov=group["nesterov"], wd=wd)
 
-    def _euclid_fused(self, group, params) -> bool:
-        """``torch.optim.SGD(fused=True)``'s kernel on CPU float parameters (one call instead
-        of three multi-tensor passes; the same recursion).  False: not applicable here."""
-        if self.native is False or _compiling() or not _fused_sgd_ok() or \
-                not all(p.is_cpu and p.dtype in _native.DTYPES for p in params):
-            return False
-        wd, mu, damp = group["weight_decay"], group["momentum"], group["dampening"]
-        kw = dict(weight_decay=wd, momentum=mu, lr=group["lr"], dampening=damp,
-                  nesterov=group["nesterov"], maximize=False, grad_scale=None, found_inf=None)
-        if not mu:
-            torch._fused_sgd_(params, [p.grad for p in params], [], is_first_step=False, **kw)
-            return True
-        old, fresh = [], []
-        for p in params:
-            (fresh if self.state[p].get("momentum_buffer") is None else old).append(p)
-        if old:
-            torch._fused_sgd_(old, [p.grad for p in old],
-                              [self.state[p]["momentum_buffer"] for p in old],
-                              is_first_step=False, **kw)
-        if fresh:  # the kernel stores B = G (after weight decay) into these
-            bufs = [torch.empty_like(p.grad) for p in fresh]
-            torch._fused_sgd_(fresh, [p.grad for p in fresh], bufs, is_first_step=True, **kw)
-            for p, b in zip(fresh, bufs, strict=True):
-                self.state[p]["momentum_buffer"] = b
-        return True
-
     def _euclid_foreach(self, group, params):
-        """``torch.optim.SGD``'s multi-tensor update (same operations, same order), or its
-        fused CPU kernel (see :meth:`_euclid_fused`)."""
-        if not params or self._euclid_fused(group, params):
-            return
-        grads = [p.grad for p in params]
-        wd, mu, damp = group["weight_decay"], group["momentum"], group["dampening"]
-        if wd:
-            grads = torch._foreach_add(grads, params, alpha=wd)
-        if mu:
-            bufs, fresh_p, fresh_g, old_b, old_g = [], [], [], [], []
-            for p, g in zip(params, grads, strict=True):
-                b = self.state[p].get("momentum_buffer")
-                if b is None:
-                    fresh_p.append(p)
-                    fresh_g.append(g)
-                else:
-                    old_b.append(b)
-                    old_g.append(g)
-            if old_b:
-                torch._foreach_mul_(old_b, mu)
-                torch._foreach_add_(old_b, old_g, alpha=1 - damp)
-            for p, g in zip(fresh_p, fresh_g, strict=True):
-                self.state[p]["momentum_buffer"] = torch.clone(g).detach()
-            bufs = [self.state[p]["momentum_buffer"] for p in params]
-            if group["nesterov"]:
-                grads = torch._foreach_add(grads, bufs, alpha=mu)
-            else:
-                grads = bufs
-        torch._foreach_add_(params, grads, alpha=-group["lr"])
+        """``torch.optim.SGD``'s update of Euclidean parameters
+        (:func:`~kernelgeo.optim.geometries.euclidean.euclid_foreach`; its fused CPU kernel
+        unless the fused kernels are off or the step is being compiled)."""
+        geo.euclidean.euclid_foreach(self.state, group, params,
+                                     fused=self.native is not False and not _compiling())
 
     # ------------------------------------------------------------------ logging
     def _publish_stats(self, stats: dict, append: bool = False):
@@ -1146,7 +980,7 @@ class ConvergentRSGD(RiemannianSGD):
             for b, (bm, bidx) in enumerate(blocks):
                 bidx = None if bidx is None or len(blocks) == 1 else bidx
                 psub = p if bidx is None else p[bidx]
-                psub.copy_(_reproject(bm, psub))
+                psub.copy_(geo.generic.reproject(bm, psub))
                 if bl is not None and bl[b] is not None:
                     bl[b].copy_(bm.proju(psub, bl[b]))
 
@@ -1155,24 +989,19 @@ def _grad(p):
     return p.grad
 
 
+def _apply_commits(commits: list) -> None:
+    """Write the reference path's new values: ``("copy", tensor, ...)`` into a tensor,
+    ``("state", setter, ...)`` into the momentum state (:mod:`~kernelgeo.optim.momentum`);
+    ``("check", ...)`` entries were only checked to be finite."""
+    for op, target, _key, new, *_ in commits:
+        if op == "copy":
+            target.copy_(new)
+        elif op == "state":
+            target(new)
+
+
 #: fewest entries per thread of the fused kernels (below, a thread costs more than it saves)
 NATIVE_GRAIN = 1 << 20
-_FUSED_SGD: bool | None = None
-
-
-def _fused_sgd_ok() -> bool:
-    """Whether this torch has a CPU ``_fused_sgd_`` (probed once on a scratch tensor)."""
-    global _FUSED_SGD
-    if _FUSED_SGD is None:
-        try:
-            t, g = torch.zeros(2), torch.ones(2)
-            torch._fused_sgd_([t], [g], [], weight_decay=0.0, momentum=0.0, lr=0.5,
-                              dampening=0.0, nesterov=False, maximize=False,
-                              is_first_step=False, grad_scale=None, found_inf=None)
-            _FUSED_SGD = bool(torch.allclose(t, torch.full((2,), -0.5)))
-        except (AttributeError, RuntimeError, NotImplementedError, TypeError):
-            _FUSED_SGD = False
-    return _FUSED_SGD
 
 
 def _compiling() -> bool:
@@ -1226,23 +1055,3 @@ def _norm64(t: torch.Tensor) -> float:
     if not 0.0 < m < math.inf:
         return m
     return m * float(torch.linalg.vector_norm(t.detach() / m))
-
-
-def _scale_invariant(m) -> bool:
-    """Whether ``m._bretr(x, u, r)`` depends on ``x + u`` only up to positive scaling (the
-    metric projections of spheres and the QR/polar factors of Stiefel manifolds)."""
-    return (isinstance(m, RowSphere) and type(m)._bretr is RowSphere._bretr) or \
-        (isinstance(m, Stiefel) and type(m)._bretr is Stiefel._bretr)
-
-
-def _reproject(m, x):
-    """Metric projection, except for Stiefel: the QR factor (as close, up to O(error), and
-    without the float64 SVD that the exact polar projection of a large kernel would cost)."""
-    if isinstance(m, Stiefel):
-        r = m.radius_of(x.shape)
-        xb = m.to_batch(x)
-        w = xb.float() if xb.dtype in _HALF else xb  # no half-precision QR on the CPU
-        return m.from_batch((r * _qf(w / r)).to(x.dtype), x.shape)
-    return m.projx(x)
-
-

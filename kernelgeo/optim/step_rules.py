@@ -42,20 +42,39 @@ steps by exactly :math:`s`; :math:`g_k = \lambda\,\min(1, c_k/(\lambda R_k))` an
 
 Flat components (Euclidean blocks, infinite injectivity radius) always use
 :math:`g_k=\lambda` (Robbins–Monro SGD).
+
+The table
+---------
+:data:`STEP_RULES` is the single definition of the rules: their reference radius, the
+default :math:`\theta` (:data:`DEFAULT_MAX_STEP`) and the integer codes
+(:data:`KERNEL_UNCAPPED`, :data:`KERNEL_CAPPED`) with which the fused kernels receive a
+component's rule.  Every backend reads it: the torch paths call :func:`step_sizes`; the C
+kernels (``native_kernels.c``) get the codes as ``KG_RULE_*`` macros of the header that
+:func:`kernelgeo.optim.native.c_header` generates from this table, and every item's
+``rule`` and ``cap`` fields from :attr:`RuleConstants.code` and
+:attr:`RuleConstants.kernel_cap`; the Triton kernels get the cap in their item table.  A
+kernel never sees :math:`\theta` or the radii: only the cap :math:`c_k` computed here.
 """
 
 from __future__ import annotations
 
 import math
 import numbers
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
 
-__all__ = ["RULES", "RuleConstants", "check_rule_args", "convexity_radius", "rule_constants",
-           "step_sizes"]
+__all__ = ["RULES", "STEP_RULES", "StepRule", "DEFAULT_MAX_STEP", "KERNEL_UNCAPPED",
+           "KERNEL_CAPPED", "RuleConstants", "check_rule_args", "convexity_radius",
+           "rule_constants", "step_sizes"]
 
-RULES = ("gsgd", "bounded", "none")
+#: default :math:`\theta`, the cap as a fraction of the rule's reference radius
+DEFAULT_MAX_STEP = 0.5
+#: code of a component whose step is not capped (rule ``"none"``, flat components): g = lr
+KERNEL_UNCAPPED = 0
+#: code of a component whose step length is capped at its ``cap``
+KERNEL_CAPPED = 1
 
 
 def convexity_radius(inj: float, k_max: float) -> float:
@@ -70,6 +89,37 @@ def convexity_radius(inj: float, k_max: float) -> float:
     """
     conj = math.pi / math.sqrt(k_max) if k_max > 0 else math.inf
     return 0.5 * min(inj, conj)
+
+
+@dataclass(frozen=True)
+class StepRule:
+    """One step rule of :data:`STEP_RULES`.
+
+    Attributes
+    ----------
+    name : str
+    radius : callable or None
+        ``radius(inj, k_max)``: the reference radius whose fraction :math:`\theta` caps the
+        step length of a curved component (``None``: no cap).
+    summary : str
+    """
+
+    name: str
+    radius: Callable[[float, float], float] | None
+    summary: str
+
+
+#: the step rules, by name (the ``step_rule`` argument of the optimizer)
+STEP_RULES: dict[str, StepRule] = {r.name: r for r in (
+    StepRule("gsgd", convexity_radius,
+             "step length capped at max_step times the convexity-radius bound "
+             "1/2 min(inj, pi/sqrt(K_max))"),
+    StepRule("bounded", lambda inj, k_max: inj,
+             "step length capped at max_step times the injectivity radius"),
+    StepRule("none", None, "plain Riemannian SGD, g = lr"),
+)}
+#: names of the step rules
+RULES = tuple(STEP_RULES)
 
 
 def check_rule_args(rho, max_step) -> None:
@@ -92,9 +142,20 @@ class RuleConstants:
     inj: float  # injectivity radius (for logging)
     flat: bool  # Euclidean component: g = lambda
 
+    @property
+    def code(self) -> int:
+        """The rule as the fused kernels receive it: :data:`KERNEL_CAPPED` or
+        :data:`KERNEL_UNCAPPED`."""
+        return KERNEL_CAPPED if math.isfinite(self.cap) else KERNEL_UNCAPPED
+
+    @property
+    def kernel_cap(self) -> float:
+        """The cap as the fused kernels receive it (finite: 1.0 when not capped)."""
+        return self.cap if self.code == KERNEL_CAPPED else 1.0
+
 
 def rule_constants(rule: str, manifold, shape, *, rho: float | None = None,
-                   max_step: float = 0.5) -> RuleConstants:
+                   max_step: float = DEFAULT_MAX_STEP) -> RuleConstants:
     r"""Constants of ``rule`` for one component of a kernel of ``shape`` on ``manifold``.
 
     Parameters
@@ -116,12 +177,11 @@ def rule_constants(rule: str, manifold, shape, *, rho: float | None = None,
     check_rule_args(rho, max_step)
     inj = float(manifold.injectivity_radius(shape))
     flat = not math.isfinite(inj)
-    if flat or rule == "none":
+    radius = STEP_RULES[rule].radius
+    if flat or radius is None:
         cap = math.inf
-    elif rule == "gsgd":
-        cap = max_step * convexity_radius(inj, float(manifold.curvature_bounds(shape)[1]))
-    else:  # bounded
-        cap = max_step * inj
+    else:
+        cap = max_step * radius(inj, float(manifold.curvature_bounds(shape)[1]))
     return RuleConstants(rule=rule, cap=cap, inj=inj, flat=flat)
 
 
@@ -142,7 +202,7 @@ def step_sizes(lr, rnorm: torch.Tensor, c: RuleConstants) -> torch.Tensor:
     -------
     Tensor, shape (B,)
     """
-    if not math.isfinite(c.cap):
+    if c.code == KERNEL_UNCAPPED:
         return torch.ones_like(rnorm) * lr
     gamma = rnorm * (lr / c.cap)
     return lr / gamma.clamp_min(1.0)
