@@ -3,6 +3,8 @@
 import triton
 import triton.language as tl
 
+from . import _item_flags
+
 
 @triton.jit
 def _header(tiles, itab, ftab, t, IS64: tl.constexpr):
@@ -33,12 +35,19 @@ def _step_size(rn, lr, cap, rule):
     # kernelgeo.optim.step_rules.step_sizes: g = lr / max(1, lr R / cap) (rule 1)
     return tl.where(rule, lr / tl.maximum(rn * (lr / cap), 1.0), lr)
 
+_CENTER = tl.constexpr(_item_flags.CENTER)
+_FRESH = tl.constexpr(_item_flags.FRESH)
+_CAPPED = tl.constexpr(_item_flags.CAPPED)
+_BUFFER = tl.constexpr(_item_flags.BUFFER)
+_NESTEROV = tl.constexpr(_item_flags.NESTEROV)
+
+
 @triton.jit
 def _flags(flags):
-    # bits of an item's flags word (triton_backend: centre, fresh buffer, capped rule,
-    # has a buffer, Nesterov)
-    return ((flags & 1) != 0, (flags & 2) != 0, (flags & 4) != 0, (flags & 8) != 0,
-            (flags & 16) != 0)
+    # an item's flags word (kernelgeo.optim._item_flags): centre, fresh buffer, capped rule,
+    # has a buffer, Nesterov
+    return ((flags & _CENTER) != 0, (flags & _FRESH) != 0, (flags & _CAPPED) != 0,
+            (flags & _BUFFER) != 0, (flags & _NESTEROV) != 0)
 
 @triton.jit
 def sphere_short(tiles, itab, ftab, tile0, BC: tl.constexpr, BA: tl.constexpr,
@@ -215,9 +224,9 @@ def _stiefel_item(itab, item, IS64: tl.constexpr):
 @triton.jit
 def _stiefel_hyper(ftab, gb):
     fb = ftab + 8 * gb
-    fl = tl.load(fb + 5).to(tl.int32)
+    center, fresh, rule, hasb, nest = _flags(tl.load(fb + 5).to(tl.int32))
     return (tl.load(fb), tl.load(fb + 1), tl.load(fb + 2), tl.load(fb + 3), tl.load(fb + 4),
-            (fl & 1) != 0, (fl & 2) != 0, (fl & 4) != 0, (fl & 8) != 0)
+            rule, fresh, hasb, nest)
 
 
 @triton.jit

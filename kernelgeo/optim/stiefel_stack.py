@@ -59,14 +59,14 @@ is the projection of :math:`\lambda_{wd}X`, which is zero (:math:`P_X(X) = 0`): 
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, field
 
 import torch
 
 from ..manifolds.stiefel import _qf
+from . import _item_flags
 from . import batched as bt
-from .step_rules import RuleConstants
+from .step_rules import KERNEL_CAPPED, RuleConstants
 
 __all__ = ["StiefelItem", "StiefelStack", "item", "build", "run", "WASTE", "TILE"]
 
@@ -271,10 +271,9 @@ def _tables(opt, st: StiefelStack, keep: list):
             it = st.items[k]
             lr, fresh, hasb = fkey[k]
             c, grp = it.consts, it.group
-            rule = math.isfinite(c.cap)
-            flags = int(rule) | int(fresh) << 1 | int(hasb) << 2 | \
-                int(bool(grp["nesterov"]) and hasb) << 3
-            rows.append([lr, c.cap if rule else 1.0, float(it.layout.r),
+            flags = _item_flags.encode(fresh=fresh, capped=c.code == KERNEL_CAPPED,
+                                       buffer=hasb, nesterov=bool(grp["nesterov"]) and hasb)
+            rows.append([lr, c.kernel_cap, float(it.layout.r),
                          float(grp["momentum"]), float(grp["dampening"]), float(flags), 0, 0])
         st.ftab = torch.tensor(rows, dtype=torch.float64).to(st.device)
         st.ftab_key = key

@@ -63,10 +63,11 @@ from dataclasses import dataclass, field
 import torch
 
 from ..manifolds import KernelProduct
+from . import _item_flags, momentum
 from . import batched as bt
 from . import stiefel_stack as ss
 from .rsgd import _nblocks
-from .step_rules import rule_constants
+from .step_rules import KERNEL_CAPPED, rule_constants
 
 __all__ = ["available", "unavailable_reason", "interpreting", "check_device", "step",
            "LaunchCounter", "counting"]
@@ -325,13 +326,13 @@ def _item_tables(opt, dp: _DevicePlan, keep: list):
         mult = opt._multiplier(p)
         lr = float(group["lr"]) if mult is None else float(group["lr"] * mult)
         c = nm.consts
-        rule = math.isfinite(c.cap)
         hasb = nm.buf is not None
-        flags = (int(nm.layout.center) | int(nm.fresh) << 1 | int(rule) << 2 |
-                 int(hasb) << 3 | int(bool(group["nesterov"])) << 4)
+        flags = _item_flags.encode(center=bool(nm.layout.center), fresh=nm.fresh,
+                                   capped=c.code == KERNEL_CAPPED, buffer=hasb,
+                                   nesterov=bool(group["nesterov"]))
         xa = p.data_ptr() + off
         ints.append([xa, ga, nm.buf.data_ptr() if hasb else xa, nm.a, nm.s, flags, 0, 0])
-        floats.append([lr, float(nm.layout.r), c.cap if rule else 1.0,
+        floats.append([lr, float(nm.layout.r), c.kernel_cap,
                        float(group["momentum"]), float(group["dampening"]), 0.0, 0.0, 0.0])
     itab = torch.tensor(ints, dtype=torch.int64).to(dp.device, non_blocking=True)
     ftab = torch.tensor(floats, dtype=torch.float64).to(dp.device, non_blocking=True)
@@ -462,9 +463,8 @@ def _publish(opt, items) -> None:
     torch.autograd.graph.increment_version(touched)
     for _, nm in items:
         if nm.fresh and nm.buf is not None:
-            st = opt.state[nm.param]
-            blocks = st.setdefault("momentum_blocks", [None] * _nblocks(nm.param))
-            blocks[nm.block] = nm.buf
+            momentum.set_kernel_block(opt.state, nm.param, nm.block, nm.buf,
+                                      _nblocks(nm.param))
         nm.fresh = False
 
 
