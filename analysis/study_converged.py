@@ -119,6 +119,12 @@ def paired(rows, variants, key="final_test_error") -> list[dict]:
     return out
 
 
+def _pm(ms: tuple, digits: int) -> str:
+    """``mean ± s.d.``, or the value alone for one run (no spread to state)."""
+    m, sd, n = ms
+    return f"{m:.{digits}f} ± {sd:.{digits}f}" if n > 1 else f"{m:.{digits}f}"
+
+
 def verdict(pairs) -> str:
     """One sentence per outcome: which geometries are resolved better or worse than the
     Euclidean baseline (95 % t-interval excluding 0) and which are not resolved."""
@@ -233,8 +239,8 @@ def report(args, rows, folder: Path) -> str:
         pc = max((r["train_loss_rel_change_3"] for r in ok), default=math.nan)
         tp = mean_std([r["time_per_epoch"] for r in ok])
         ce = max((r["max_constraint_error"] for r in ok), default=math.nan)
-        lines.append(f"| {v} | {fe[0]:.2f} ± {fe[1]:.2f} ({fe[2]}) | {be[0]:.2f} ± {be[1]:.2f}"
-                     f" | {tl[0]:.4f} ± {tl[1]:.4f} | ≤ {pc:.1%} | "
+        lines.append(f"| {v} | {_pm(fe, 2)} ({fe[2]}) | {_pm(be, 2)}"
+                     f" | {_pm(tl, 4)} | ≤ {pc:.1%} | "
                      f"{sum(bool(r['plateaued']) for r in ok)}/{len(rs)} | {tp[0]:.2f} | "
                      f"{ce:.1e} |")
     if pairs:
