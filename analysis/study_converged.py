@@ -23,13 +23,16 @@ resolved at this budget, not whether one exists.
 
 Full study (GPU or many CPU cores; 60k/10k images at 28x28)::
 
-    python analysis/study_converged.py --epochs 30 --seeds 0 1 2 \\
+    python analysis/study_converged.py --epochs 30 --seeds 0 1 2 \
         --out analysis/results/converged_fmnist --resume
 
-Reduced (what fits a shared 2-core CPU in minutes; 14x14 images, subsets)::
+What fits a shared 2-core CPU in about three hours (all images, downsampled to 14x14;
+20 epochs; two runs at once), and its budget check (40 epochs, seed 0)::
 
-    python analysis/study_converged.py --train-subset 5000 --test-subset 2000 \\
-        --image-size 14 --epochs 12 --out analysis/results/converged_fmnist_reduced --resume
+    python analysis/study_converged.py --image-size 14 --epochs 20 --concurrent 2 \
+        --out analysis/results/converged_fmnist_14px --resume
+    python analysis/study_converged.py --image-size 14 --epochs 40 --seeds 0 --concurrent 2 \
+        --out analysis/results/converged_fmnist_14px_40ep --resume
 
 Writes ``runs.csv``, ``paired.csv``, ``test_error.png``, ``train_loss.png``, ``paired.png`` and
 ``report.md`` to ``--out``.
@@ -219,7 +222,9 @@ def report(args, rows, folder: Path) -> str:
         f"{minutes:.1f} min"
         + (f" ({args.concurrent} runs at once)" if args.concurrent > 1 else ""),
         f"- plateau criterion: relative change of the training loss over the last 3 epochs "
-        f"< {args.plateau:.0%}", "",
+        f"< {args.plateau:.0%}",
+        "- s/epoch: wall time on a shared machine (other runs and jobs at the same time), "
+        "not a speed comparison of the geometries", "",
     ]
     if reduced:
         lines += ["**Reduced budget**: a subset of the data (and smaller images) so that the "
@@ -227,8 +232,9 @@ def report(args, rows, folder: Path) -> str:
                   "60k/10k Fashion-MNIST benchmark.", ""]
     lines += ["## Per geometry: mean ± s.d. over seeds (n)", "",
               "| geometry | final test error (%) | best test error (%) | final train loss | "
-              "loss change, last 3 epochs | plateaued | s/epoch | max constraint error |",
-              "|---|---|---|---|---|---|---|---|"]
+              "loss change, last 3 epochs | plateaued | diverged | s/epoch | "
+              "max constraint error |",
+              "|---|---|---|---|---|---|---|---|---|"]
     for v, rs in by.items():
         ok = [r for r in rs if r["status"] == "completed"]
         if not rs:
@@ -241,7 +247,8 @@ def report(args, rows, folder: Path) -> str:
         ce = max((r["max_constraint_error"] for r in ok), default=math.nan)
         lines.append(f"| {v} | {_pm(fe, 2)} ({fe[2]}) | {_pm(be, 2)}"
                      f" | {_pm(tl, 4)} | ≤ {pc:.1%} | "
-                     f"{sum(bool(r['plateaued']) for r in ok)}/{len(rs)} | {tp[0]:.2f} | "
+                     f"{sum(bool(r['plateaued']) for r in ok)}/{len(rs)} | "
+                     f"{sum(r['status'] == 'diverged' for r in rs)}/{len(rs)} | {tp[0]:.2f} | "
                      f"{ce:.1e} |")
     if pairs:
         lines += ["", "## Paired against Euclidean (with batch norm), same seed: final test "
