@@ -240,6 +240,32 @@ def launch_workers(script: str | Path, argv: list[str], k: int) -> int:
     return max(p.wait() for p in procs)
 
 
+def dispatch(study: str, runs: Sequence[Run], folder: Path, args, argv: list[str],
+             script: str | Path, parser) -> list[dict] | None:
+    """What a study script does with its grid, by its arguments: a worker (``--worker i/k``)
+    trains its share and returns ``None``; ``--report-only`` collects; ``--concurrent K > 1``
+    starts K workers and collects; otherwise the grid is trained here.  Returns the rows
+    (``runs.csv`` written)."""
+    if args.worker is not None:
+        i, k = (int(x) for x in args.worker.split("/"))
+        run_grid(study, runs[i::k], folder, resume=True, write=False)
+        return None
+    if not args.report_only and args.concurrent == 1:
+        return run_grid(study, runs, folder, resume=args.resume)
+    if not args.report_only:
+        taken = [r.name for r in runs if (folder / "runs" / r.name).exists()]
+        if taken and not args.resume:
+            parser.error(f"{folder / 'runs'} already holds {len(taken)} of these runs: pass "
+                         "--resume to continue the study, or use another --out")
+        worker_argv = [a for a in argv if a != "--resume"]
+        rc = launch_workers(script, worker_argv, min(args.concurrent, len(runs)))
+        if rc:
+            print(f"a worker exited with status {rc}; runs.csv holds the finished runs")
+    rows = collect(study, runs, folder)
+    write_csv(rows, folder / "runs.csv")
+    return rows
+
+
 def _history(rd: Path) -> list[dict]:
     p = rd / "metrics.jsonl"
     if not p.exists():

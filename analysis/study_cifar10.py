@@ -37,15 +37,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from studies import (  # noqa: E402
     Run,
     base_parser,
-    collect,
     command_line,
-    launch_workers,
+    dispatch,
     machine_line,
     mean_std,
-    run_grid,
     run_name,
     t_interval,
-    write_csv,
 )
 
 from kernelgeo.train import TrainConfig  # noqa: E402
@@ -140,26 +137,9 @@ def main(argv=None) -> int:
         p.error("--concurrent must be >= 1")
     folder = Path(args.out)
     runs = build_runs(args)
-    if args.worker is not None:
-        i, k = (int(x) for x in args.worker.split("/"))
-        run_grid(STUDY, runs[i::k], folder, resume=True, write=False)
+    rows = dispatch(STUDY, runs, folder, args, argv, __file__, p)
+    if rows is None:  # a worker process
         return 0
-    if args.report_only:
-        rows = collect(STUDY, runs, folder)
-        write_csv(rows, folder / "runs.csv")
-    elif args.concurrent > 1:
-        taken = [r.name for r in runs if (folder / "runs" / r.name).exists()]
-        if taken and not args.resume:
-            p.error(f"{folder / 'runs'} already holds {len(taken)} of these runs: pass "
-                    "--resume to continue the study, or use another --out")
-        worker_argv = [a for a in argv if a != "--resume"]
-        rc = launch_workers(__file__, worker_argv, min(args.concurrent, len(runs)))
-        rows = collect(STUDY, runs, folder)
-        write_csv(rows, folder / "runs.csv")
-        if rc:
-            print(f"a worker exited with status {rc}; runs.csv holds the finished runs")
-    else:
-        rows = run_grid(STUDY, runs, folder, resume=args.resume)
     if not rows:
         print("no finished runs")
         return 1
