@@ -16,20 +16,28 @@ def _snap(model):
     return {n: p.detach().double().clone() for n, p in model.named_parameters() if p.dim() >= 2}
 
 
-def test_meter_sums_the_step_lengths():
-    torch.manual_seed(0)
-    model = get_model("resnet-digits", 10, 1)
-    constrain(model, "sphere")
-    opt = ConvergentRSGD(model.parameters(), lr=0.3, momentum=0.9)
-    meter = PathMeter(model)
-    snaps = [_snap(model)]
-    for _ in range(6):
+def _steps(model, opt, meter, n, after=lambda: None):
+    for _ in range(n):
         x, y = torch.randn(16, 1, 8, 8), torch.randint(0, 10, (16,))
         opt.zero_grad()
         torch.nn.functional.cross_entropy(model(x), y).backward()
         opt.step()
         meter.update()
-        snaps.append(_snap(model))
+        after()
+
+
+def _model(seed, geometry, lr):
+    torch.manual_seed(seed)
+    model = get_model("resnet-digits", 10, 1)
+    constrain(model, geometry)
+    return model, ConvergentRSGD(model.parameters(), lr=lr, momentum=0.9)
+
+
+def test_meter_sums_the_step_lengths():
+    model, opt = _model(0, "sphere", 0.3)
+    meter = PathMeter(model)
+    snaps = [_snap(model)]
+    _steps(model, opt, meter, 6, lambda: snaps.append(_snap(model)))
     per = meter.layer_lengths()
     assert set(per) == set(snaps[0]) and "fc.weight" in per and "bn1.weight" not in per
     for name in per:
@@ -85,17 +93,9 @@ def test_meter_agrees_with_the_geodesic_path_recorder():
     """The training loop's chordal per-step sums against the analysis' geodesic ones."""
     from kernelgeo.analysis.geodesics import PathRecorder
 
-    torch.manual_seed(1)
-    model = get_model("resnet-digits", 10, 1)
-    constrain(model, "po:sphere+oblique")
-    opt = ConvergentRSGD(model.parameters(), lr=0.2, momentum=0.9)
+    model, opt = _model(1, "po:sphere+oblique", 0.2)
     rec, meter = PathRecorder(model, opt), PathMeter(model)
-    for _ in range(4):
-        x, y = torch.randn(16, 1, 8, 8), torch.randint(0, 10, (16,))
-        opt.zero_grad()
-        torch.nn.functional.cross_entropy(model(x), y).backward()
-        opt.step()
-        meter.update()
+    _steps(model, opt, meter, 4)
     per = meter.layer_lengths()
     for name, length in rec.length.items():
         # chord <= arc, and they agree to second order in the (small) step
