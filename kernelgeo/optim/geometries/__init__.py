@@ -13,8 +13,9 @@ kernel from its manifold's declared
     :mod:`.sphere`; C ``kg_sphere_step_f32`` / ``kg_sphere_step_f64``; Triton
     ``sphere_short`` / ``sphere_long``.
 ``stiefel``
-    layout ``"matrices"`` with the QR retraction: torch ops :mod:`.stiefel`; no C or Triton
-    kernel (the Triton backend hands these kernels to the torch ops).
+    layout ``"matrices"`` with the QR retraction: torch ops :mod:`.stiefel`; no C kernel;
+    Triton: :mod:`kernelgeo.optim.stiefel_stack` (stacked classes, four Triton kernels and
+    batched torch linear algebra).
 ``generic``
     every other kernel manifold: torch ops :mod:`.generic` (the manifold's own batched
     primitives), which also holds the reference update of every kernel geometry.
@@ -101,7 +102,9 @@ GEOMETRIES: dict[str, Geometry] = {g.kind: g for g in (
              "(kernelgeo.optim.triton_backend.step)"),
     Geometry("stiefel", ("matrices",),
              lambda chunk, x, g, h: stiefel_prepare(chunk, x, g), stiefel_apply,
-             "kernelgeo.optim.geometries.generic.reference_kernel_step", None, None),
+             "kernelgeo.optim.geometries.generic.reference_kernel_step", None,
+             "_triton_kernels.py: stiefel_gather / stiefel_direction / stiefel_displace / "
+             "stiefel_scatter (kernelgeo.optim.stiefel_stack.run)"),
     Geometry("generic", (), _generic_prepare, _generic_apply,
              "kernelgeo.optim.geometries.generic.reference_kernel_step", None, None),
     Geometry("euclidean", (), None, None,

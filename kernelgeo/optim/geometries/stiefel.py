@@ -21,8 +21,11 @@ torch ops (this module)
 C
     none (the torch ops are dominated by the batched factorisations).
 Triton
-    none in ``kernelgeo/optim/_triton_kernels.py``: :func:`kernelgeo.optim.triton_backend.step`
-    hands these kernels to the torch ops.
+    :mod:`kernelgeo.optim.stiefel_stack`: blocks stacked in zero-padded classes of one width,
+    ``stiefel_gather`` / ``stiefel_direction`` / ``stiefel_displace`` / ``stiefel_scatter`` of
+    ``kernelgeo/optim/_triton_kernels.py`` around nine batched torch operations per class
+    (projection, Cholesky-QR retraction, transport); blocks whose row layout is not a view
+    of the parameter keep these torch ops.
 """
 
 from __future__ import annotations
