@@ -67,15 +67,8 @@ def _grads(nets, gen, scale=1.0, contiguous=False):
                 torch.empty_like(p.detach()).copy_(g)
 
 
-def _compare(spec, dtype, steps=2, linear=False, contiguous=False, scale=1.0, **kw):
-    ref, tri = _pair(spec, dtype, linear)
-    o_ref = ConvergentRSGD(ref.parameters(), batched=False, stabilize=None, **kw)
-    o_tri = ConvergentRSGD(tri.parameters(), backend="triton", stabilize=None, **kw)
-    gen = torch.Generator().manual_seed(1)
-    for _ in range(steps):
-        _grads((ref, tri), gen, scale, contiguous)
-        o_ref.step()
-        o_tri.step()
+def _assert_same(ref, tri, o_ref, o_tri, dtype):
+    """Weights and optimizer state (every buffer, same shapes) of the two nets agree."""
     tol = dict(rtol=1e-10, atol=1e-12) if dtype == torch.float64 else dict(rtol=1e-4,
                                                                          atol=2e-5)
     for (name, a), b in zip(ref.named_parameters(), tri.parameters(), strict=True):
@@ -86,7 +79,20 @@ def _compare(spec, dtype, steps=2, linear=False, contiguous=False, scale=1.0, **
             va, vb = sa[key], sb[key]
             for x, y in zip(va if isinstance(va, list) else [va],
                             vb if isinstance(vb, list) else [vb], strict=True):
+                assert y.shape == x.shape
                 torch.testing.assert_close(y, x, **tol, msg=lambda m, n=name: f"{n}: {m}")
+
+
+def _compare(spec, dtype, steps=2, linear=False, contiguous=False, scale=1.0, **kw):
+    ref, tri = _pair(spec, dtype, linear)
+    o_ref = ConvergentRSGD(ref.parameters(), batched=False, stabilize=None, **kw)
+    o_tri = ConvergentRSGD(tri.parameters(), backend="triton", stabilize=None, **kw)
+    gen = torch.Generator().manual_seed(1)
+    for _ in range(steps):
+        _grads((ref, tri), gen, scale, contiguous)
+        o_ref.step()
+        o_tri.step()
+    _assert_same(ref, tri, o_ref, o_tri, dtype)
     assert isinstance(o_tri._plan, tb.TritonPlan)
     return o_tri
 
@@ -178,22 +184,11 @@ def _stiefel_compare(spec="stiefel", dtype=torch.float32, steps=3, scale=1.0,
     o_ref = ConvergentRSGD(ref.parameters(), batched=False, stabilize=None, **kw)
     o_tri = ConvergentRSGD(tri.parameters(), backend="triton", stabilize=None, **kw)
     gen = torch.Generator().manual_seed(1)
-    tol = dict(rtol=1e-10, atol=1e-12) if dtype == torch.float64 else dict(rtol=1e-4,
-                                                                         atol=2e-5)
     for _ in range(steps):
         _grads((ref, tri), gen, scale, contiguous)
         o_ref.step()
         o_tri.step()
-    for (name, a), b in zip(ref.named_parameters(), tri.parameters(), strict=True):
-        torch.testing.assert_close(b, a, **tol, msg=lambda m, n=name: f"{n}: {m}")
-        sa, sb = o_ref.state[a], o_tri.state[b]
-        assert sa.keys() == sb.keys(), name
-        for key in sa:
-            va, vb = sa[key], sb[key]
-            for x, y in zip(va if isinstance(va, list) else [va],
-                            vb if isinstance(vb, list) else [vb], strict=True):
-                assert y.shape == x.shape
-                torch.testing.assert_close(y, x, **tol, msg=lambda m, n=name: f"{n}: {m}")
+    _assert_same(ref, tri, o_ref, o_tri, dtype)
     dp = next(iter(o_tri._plan.devices.values()))
     assert dp.stiefel_items and not any(ch.kind == "stiefel" for gp in o_tri._plan.fallback
                                         for ch in gp.chunks)

@@ -7,19 +7,23 @@ from . import _item_flags
 
 
 @triton.jit
+def _pointers(ib, IS64: tl.constexpr):
+    # an item's first three entries: addresses of point, gradient and momentum buffer
+    if IS64:
+        pt = tl.pointer_type(tl.float64)
+    else:
+        pt = tl.pointer_type(tl.float32)
+    return tl.load(ib).to(pt), tl.load(ib + 1).to(pt), tl.load(ib + 2).to(pt)
+
+
+@triton.jit
 def _header(tiles, itab, ftab, t, IS64: tl.constexpr):
     it = tl.load(tiles + 3 * t)
     c0 = tl.load(tiles + 3 * t + 1)
     nc = tl.load(tiles + 3 * t + 2)
     ib = itab + 8 * it
     fb = ftab + 8 * it
-    if IS64:
-        pt = tl.pointer_type(tl.float64)
-    else:
-        pt = tl.pointer_type(tl.float32)
-    xp = tl.load(ib).to(pt)
-    gp = tl.load(ib + 1).to(pt)
-    bp = tl.load(ib + 2).to(pt)
+    xp, gp, bp = _pointers(ib, IS64)
     a = tl.load(ib + 3)
     s = tl.load(ib + 4)
     flags = tl.load(ib + 5)
@@ -211,13 +215,7 @@ def _stiefel_tile(tiles, blocks, t, TILE: tl.constexpr):
 @triton.jit
 def _stiefel_item(itab, item, IS64: tl.constexpr):
     ib = itab + 16 * item
-    if IS64:
-        pt = tl.pointer_type(tl.float64)
-    else:
-        pt = tl.pointer_type(tl.float32)
-    xp = tl.load(ib).to(pt)
-    gp = tl.load(ib + 1).to(pt)
-    bp = tl.load(ib + 2).to(pt)
+    xp, gp, bp = _pointers(ib, IS64)
     return xp, gp, bp, ib
 
 
