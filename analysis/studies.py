@@ -240,12 +240,23 @@ def launch_workers(script: str | Path, argv: list[str], k: int) -> int:
     return max(p.wait() for p in procs)
 
 
+def add_concurrency(parser, help: str) -> None:
+    """``--concurrent K`` (runs trained at once, one worker process each) and the hidden
+    ``--worker i/k`` that :func:`dispatch` passes to the workers."""
+    import argparse
+
+    parser.add_argument("--concurrent", type=int, default=1, help=help)
+    parser.add_argument("--worker", default=None, help=argparse.SUPPRESS)
+
+
 def dispatch(study: str, runs: Sequence[Run], folder: Path, args, argv: list[str],
              script: str | Path, parser) -> list[dict] | None:
     """What a study script does with its grid, by its arguments: a worker (``--worker i/k``)
     trains its share and returns ``None``; ``--report-only`` collects; ``--concurrent K > 1``
     starts K workers and collects; otherwise the grid is trained here.  Returns the rows
     (``runs.csv`` written)."""
+    if args.concurrent < 1:
+        parser.error("--concurrent must be >= 1")
     if args.worker is not None:
         i, k = (int(x) for x in args.worker.split("/"))
         run_grid(study, runs[i::k], folder, resume=True, write=False)

@@ -27,7 +27,6 @@ Writes ``runs.csv``, ``test_error.png`` and ``report.md`` to ``--out``.
 
 from __future__ import annotations
 
-import argparse
 import sys
 import time
 from pathlib import Path
@@ -36,6 +35,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from studies import (  # noqa: E402
     Run,
+    add_concurrency,
     base_parser,
     command_line,
     dispatch,
@@ -129,12 +129,8 @@ def main(argv=None) -> int:
     p.add_argument("--batch-size", type=int, default=128)
     p.add_argument("--amp", default="none", choices=["none", "bf16", "fp16"])
     p.add_argument("--device", default="auto")
-    p.add_argument("--concurrent", type=int, default=1,
-                   help="worker processes at once (on one GPU)")
-    p.add_argument("--worker", default=None, help=argparse.SUPPRESS)
+    add_concurrency(p, "worker processes at once (on one GPU)")
     args = p.parse_args(argv)
-    if args.concurrent < 1:
-        p.error("--concurrent must be >= 1")
     folder = Path(args.out)
     runs = build_runs(args)
     rows = dispatch(STUDY, runs, folder, args, argv, __file__, p)

@@ -40,7 +40,6 @@ Writes ``runs.csv``, ``paired.csv``, ``test_error.png``, ``train_loss.png``, ``p
 
 from __future__ import annotations
 
-import argparse
 import csv
 import math
 import sys
@@ -52,6 +51,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import numpy as np  # noqa: E402
 from studies import (  # noqa: E402
     Run,
+    add_concurrency,
     base_parser,
     command_line,
     dispatch,
@@ -287,15 +287,11 @@ def main(argv=None) -> int:
     p.add_argument("--lr", type=float, default=0.1)
     p.add_argument("--batch-size", type=int, default=128)
     p.add_argument("--plateau", type=float, default=0.02)
-    p.add_argument("--concurrent", type=int, default=1,
-                   help="runs trained at once, one worker process each (default: 1)")
-    p.add_argument("--worker", default=None, help=argparse.SUPPRESS)
+    add_concurrency(p, "runs trained at once, one worker process each (default: 1)")
     argv = sys.argv[1:] if argv is None else list(argv)
     args = p.parse_args(argv)
     if BASELINE not in args.variants:
         p.error(f"--variants must include {BASELINE!r} (the paired baseline)")
-    if args.concurrent < 1:
-        p.error("--concurrent must be >= 1")
     folder = Path(args.out)
     runs = build_runs(args)
     rows = dispatch(STUDY, runs, folder, args, argv, __file__, p)
