@@ -516,9 +516,9 @@ def _write(res: list[RunAnalysis], out: Path, opts: dict, log) -> Path:
         "distance": plot_bars(per_layer("distance"), layers, out / "distance_from_init.png",
                               ylabel="geodesic distance", title="distance from initialization"),
     }
-    detour = {r.label: [p / d if d > 0 else math.nan for p, d in
-                        zip(per_layer("path_length")[r.label], per_layer("distance")[r.label],
-                            strict=True)] for r in res}
+    paths, dists = per_layer("path_length"), per_layer("distance")
+    detour = {k: [p / d if d > 0 else math.nan for p, d in zip(paths[k], dists[k], strict=True)]
+              for k in paths}
     if any(math.isfinite(v) for vs in detour.values() for v in vs):
         figs["detour"] = plot_bars(detour, layers, out / "path_over_distance.png",
                                    ylabel="path length / geodesic distance", log=True,
