@@ -17,9 +17,9 @@ length :math:`\delta` (chord against arc: :math:`2\sin(\theta/2)/\theta` on a ci
 geodesic distance between the initial and the trained weights, which it bounds from above up
 to that factor.  Steps that an fp16 loss scaler skips change nothing and add nothing.
 
-Cost per step: one copy of the tracked weights (kept between steps) and four multi-tensor
-operations; ``TrainConfig(track_path=False)`` (``kernelgeo train --no-path-length``) turns it
-off.
+Cost per step: one copy of the tracked weights (kept between steps, and the only memory it
+takes) and four multi-tensor operations; ``TrainConfig(track_path=False)`` (``kernelgeo train
+--no-path-length``) turns it off.
 """
 
 from __future__ import annotations
@@ -58,11 +58,13 @@ class PathMeter:
         """Add the step since the last call (or since construction) to the lengths."""
         if not self.params:
             return
-        diff = torch._foreach_sub([p.detach() for p in self.params], self.prev)
-        norms = torch.stack(torch._foreach_norm(diff)).double()
+        cur = [p.detach() for p in self.params]
+        # prev - cur in place (a - b = -(b - a) exactly): no step-sized allocation
+        torch._foreach_sub_(self.prev, cur)
+        norms = torch.stack(torch._foreach_norm(self.prev)).double()
         self.per_layer += norms
         self.total += norms.square().sum().sqrt()
-        torch._foreach_copy_(self.prev, [p.detach() for p in self.params])
+        torch._foreach_copy_(self.prev, cur)
 
     @torch.no_grad()
     def rebase(self) -> None:
