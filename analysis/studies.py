@@ -24,6 +24,7 @@ import os
 import shlex
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field, replace
@@ -164,9 +165,21 @@ def _train_one(run: Run, rd: Path, data, resume: bool,
             return
 
 
+def _claim(claims: Path | None, name: str) -> bool:
+    """Take run ``name`` for this process (``True``), or learn that another worker of the same
+    launch has (``False``): an exclusive create in the launch's claims folder."""
+    if claims is None:
+        return True
+    try:
+        os.close(os.open(claims / name, os.O_CREAT | os.O_EXCL | os.O_WRONLY))
+        return True
+    except FileExistsError:
+        return False
+
+
 def run_grid(study: str, runs: Sequence[Run], folder: str | Path, *, resume: bool = False,
              after_epoch: Callable | None = None, log=print,
-             write: bool = True) -> list[dict]:
+             write: bool = True, claims: Path | None = None) -> list[dict]:
     """Train every run of ``runs`` into ``folder/runs/<name>`` and write ``folder/runs.csv``.
 
     Parameters
@@ -187,6 +200,9 @@ def run_grid(study: str, runs: Sequence[Run], folder: str | Path, *, resume: boo
     write : bool
         Write ``runs.csv`` (``False`` in a worker process running part of the grid: the
         parent collects).
+    claims : path, optional
+        Folder shared by the workers of one launch: a run is trained by the first worker
+        that claims it there, so runs of different lengths keep every worker busy.
 
     Returns
     -------
@@ -204,6 +220,8 @@ def run_grid(study: str, runs: Sequence[Run], folder: str | Path, *, resume: boo
         state = _finished(rd)
         if state is not None and resume:
             log(f"[{i}/{len(runs)}] {run.name}: {state}, skipped")
+            continue
+        if not _claim(claims, run.name):
             continue
         if rd.exists() and not resume:
             raise FileExistsError(f"{rd} exists: pass --resume to continue the study, or "
@@ -228,16 +246,20 @@ def run_grid(study: str, runs: Sequence[Run], folder: str | Path, *, resume: boo
 def launch_workers(script: str | Path, argv: list[str], k: int) -> int:
     """Start ``k`` copies of ``script`` with ``argv --resume --worker i/k``; wait for all.
 
-    Worker ``i`` runs runs ``i, i + k, ...`` of the grid and writes no ``runs.csv`` (the
-    parent collects).  Returns the largest exit status.
+    Each worker takes the next run of the grid that no other worker has claimed (claims
+    live in a temporary folder of this launch, so an interrupted launch leaves none behind
+    for the next) and writes no ``runs.csv`` (the parent collects).  Returns the largest exit
+    status.
     """
     procs = []
-    for i in range(k):
-        cmd = [sys.executable, str(Path(script).resolve()), *argv, "--resume",
-               "--worker", f"{i}/{k}"]
-        procs.append(subprocess.Popen(cmd))
-        time.sleep(1.0)  # stagger the data decoding (and CUDA start-up)
-    return max(p.wait() for p in procs)
+    with tempfile.TemporaryDirectory(prefix="kg-claims-") as claims:
+        env = dict(os.environ, KERNELGEO_STUDY_CLAIMS=claims)
+        for i in range(k):
+            cmd = [sys.executable, str(Path(script).resolve()), *argv, "--resume",
+                   "--worker", f"{i}/{k}"]
+            procs.append(subprocess.Popen(cmd, env=env))
+            time.sleep(1.0)  # stagger the data decoding (and CUDA start-up)
+        return max(p.wait() for p in procs)
 
 
 def add_concurrency(parser, help: str) -> None:
@@ -259,7 +281,10 @@ def dispatch(study: str, runs: Sequence[Run], folder: Path, args, argv: list[str
         parser.error("--concurrent must be >= 1")
     if args.worker is not None:
         i, k = (int(x) for x in args.worker.split("/"))
-        run_grid(study, runs[i::k], folder, resume=True, write=False)
+        claims = os.environ.get("KERNELGEO_STUDY_CLAIMS")
+        # without a claims folder (a worker started by hand), a fixed share of the grid
+        run_grid(study, runs if claims else runs[i::k], folder, resume=True, write=False,
+                 claims=Path(claims) if claims else None)
         return None
     if not args.report_only and args.concurrent == 1:
         return run_grid(study, runs, folder, resume=args.resume)

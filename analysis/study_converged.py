@@ -81,13 +81,15 @@ VARIANTS = {
 
 def build_runs(args) -> list[Run]:
     runs = []
-    for label in args.variants:
-        geom, model = VARIANTS[label]
-        for s in args.seeds:
+    # seed by seed, so that an interrupted study has whole seeds of every geometry
+    for s in args.seeds:
+        for label in args.variants:
+            geom, model = VARIANTS[label]
             cfg = TrainConfig(dataset=args.dataset, train_subset=args.train_subset,
                               test_subset=args.test_subset, image_size=args.image_size,
                               model=model, geometry=geom, epochs=args.epochs, lr=args.lr,
-                              seed=s, threads=args.threads, schedule="cosine",
+                              seed=s, threads=args.threads, schedule=args.schedule,
+                              plateau_tol=args.plateau,
                               batch_size=args.batch_size)
             runs.append(Run(run_name(label.replace(" (no batch norm)", "-nobn"), f"s{s}"), cfg,
                             {"variant": label, "batch_norm": model != "resnet-digits-nobn"}))
@@ -172,21 +174,84 @@ def plot_paired(pairs, path: Path, title: str) -> None:
     plt.close(fig)
 
 
+def plot_runs(curves: dict, divisions: dict, path: Path, *, ylabel: str, title: str,
+              scale: float = 1.0, log: bool = False) -> None:
+    """Runs of different lengths (plateau schedule): one line per seed, coloured by geometry,
+    a dot where the run stopped and a tick where its rate was divided.  (A mean over seeds
+    would have to be cut at the shortest run and would hide the ends being compared.)"""
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(7.2, 4.6), layout="constrained")
+    for k, (label, rs) in enumerate(curves.items()):
+        col = f"C{k % 10}"
+        for j, (ys, ds) in enumerate(zip(rs, divisions[label])):
+            y = np.asarray(ys, dtype=float) * scale
+            x = np.arange(1, len(y) + 1)
+            ax.plot(x, y, color=col, lw=0.9, alpha=0.8,
+                    label=f"{label} (n = {len(rs)})" if j == 0 else None)
+            ax.plot(x[-1:], y[-1:], "o", color=col, ms=4)
+            for d in ds:
+                ax.plot([d], [y[d - 1]], "|", color=col, ms=9, mew=1.5)
+    if log:
+        ax.set_yscale("log")
+    ax.set_xlabel("epoch")
+    ax.set_ylabel(ylabel + (" (log scale)" if log else ""))
+    ax.set_title(f"{title}\none line per seed; |: rate divided by 10; dot: run stopped",
+                 fontsize=9)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7, ncol=2)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def plot_final(by: dict, path: Path, title: str) -> None:
+    """Final test error per geometry: every seed, and mean ± s.d. (n stated)."""
+    plt = _plt()
+    labels = [v for v, rs in by.items() if any(r["status"] == "completed" for r in rs)]
+    fig, ax = plt.subplots(figsize=(6.4, 0.45 * len(labels) + 1.8), layout="constrained")
+    for i, v in enumerate(labels):
+        e = np.array([r["final_test_error"] * 100 for r in by[v] if r["status"] == "completed"])
+        ax.plot(e, np.full(len(e), i), "o", color="C0", ms=5, alpha=0.7)
+        sd = float(np.std(e, ddof=1)) if len(e) > 1 else 0.0
+        ax.errorbar([e.mean()], [i], xerr=[sd], fmt="D", color="C3", ms=6, capsize=4)
+    ax.set_yticks(range(len(labels)), [f"{v} (n = {sum(r['status'] == 'completed' for r in by[v])})"
+                                      for v in labels], fontsize=8)
+    ax.set_xlabel("final test error (%)")
+    ax.set_title(f"{title}\ndots: seeds; diamond and bar: mean ± s.d.", fontsize=9)
+    ax.grid(alpha=0.3, axis="x")
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def _epochs_cell(rs) -> str:
+    e = [int(r["epochs_done"]) for r in rs]
+    return f"{np.mean(e):.1f} ({min(e)}–{max(e)})" if len(e) > 1 else f"{e[0]}"
+
+
 def report(args, rows, folder: Path) -> str:
     from kernelgeo.analysis.plotting import plot_error_curves, plot_seed_curves
 
+    by_rule = args.schedule == "plateau"
     for r in rows:
         r["train_loss_rel_change_3"] = plateau(r["_summary"].get("history", []))
-        r["plateaued"] = r["train_loss_rel_change_3"] < args.plateau
+        sched = r["_summary"].get("plateau") or {}
+        if by_rule:
+            # the schedule's own decision: the criterion met with every epoch of the window
+            # at the final rate
+            r["plateaued"] = bool(sched.get("converged"))
+            r["rate_divided_after"] = " ".join(str(e) for e in sched.get("decay_epochs", []))
+        else:
+            r["plateaued"] = r["train_loss_rel_change_3"] < args.plateau
     write_csv(rows, folder / "runs.csv")
     reduced = bool(args.train_subset or args.test_subset)
     size = (f"{args.train_subset or 'all 60,000'} training / {args.test_subset or 'all 10,000'}"
             " test images"
             + (f", downsampled from 28x28 to {args.image_size}x{args.image_size} (antialiased)"
                if args.image_size else ", 28x28"))
-    title = (f"Fashion-MNIST{' (reduced)' if reduced else ''}"
+    name = "Fashion-MNIST" if args.dataset == "fashion-mnist" else args.dataset
+    title = (f"{name}{' (reduced)' if reduced else ''}"
              + (f" {args.image_size}px" if args.image_size else "")
-             + f", resnet-digits, {args.epochs} ep.")
+             + (", resnet-digits, trained to plateau" if by_rule
+                else f", resnet-digits, {args.epochs} ep."))
     by = {v: [r for r in rows if r["variant"] == v] for v in args.variants}
     runs_err = {v: [[h["test_error"] for h in r["_summary"]["history"]] for r in rs
                     if r["status"] == "completed"] for v, rs in by.items()}
@@ -194,7 +259,15 @@ def report(args, rows, folder: Path) -> str:
     runs_loss = {v: [[h["train_loss"] for h in r["_summary"]["history"]] for r in rs
                      if r["status"] == "completed"] for v, rs in by.items()}
     runs_loss = {k: v for k, v in runs_loss.items() if v}
-    if runs_err:
+    if runs_err and by_rule:
+        divs = {v: [[int(e) for e in str(r["rate_divided_after"]).split()] for r in rs
+                    if r["status"] == "completed"] for v, rs in by.items()}
+        plot_runs(runs_err, divs, folder / "test_error.png", ylabel="test error (%)",
+                  title=title, scale=100)
+        plot_runs(runs_loss, divs, folder / "train_loss.png", ylabel="training loss",
+                  title=title, log=True)
+        plot_final(by, folder / "final_error.png", title)
+    elif runs_err:
         plot_error_curves(runs_err, folder / "test_error.png", title=title, band="std")
         plot_seed_curves(runs_loss, folder / "train_loss.png", ylabel="training loss",
                          title=title, band="std", yscale="log")
@@ -208,19 +281,25 @@ def report(args, rows, folder: Path) -> str:
     minutes = sum(float(r["time_per_epoch"]) * int(r["epochs_done"]) for r in rows
                   if r["status"] == "completed") / 60
     lines = [
-        f"# Converged comparison: Fashion-MNIST{' — REDUCED' if reduced else ''}"
+        f"# Converged comparison: {name}{' — REDUCED' if reduced else ''}"
         + (f", {args.image_size}x{args.image_size} images" if args.image_size else ""), "",
         f"- command: `{command_line()}`",
         f"- machine: {machine_line()}",
         f"- date: {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}",
         f"- data: {size}",
-        f"- budget: {len(rows)} runs; {args.epochs} epochs, cosine schedule, lr {args.lr:g}, "
-        f"momentum 0.9, batch {args.batch_size}, weight decay 5e-4 on Euclidean parameters, "
-        f"default step rule; seeds {args.seeds}; training time summed over runs "
+        f"- budget: {len(rows)} runs; "
+        + (f"plateau schedule (lr {args.lr:g}, divided by 10 at each plateau of the "
+           f"training loss, twice; a run ends at the plateau at lr {args.lr / 100:g}; at most "
+           f"{args.epochs} epochs)" if by_rule else
+           f"{args.epochs} epochs, cosine schedule, lr {args.lr:g}")
+        + f", momentum 0.9, batch {args.batch_size}, weight decay 5e-4 on Euclidean "
+        f"parameters, default step rule; seeds {args.seeds}; training time summed over runs "
         f"{minutes:.1f} min"
         + (f" ({args.concurrent} runs at once)" if args.concurrent > 1 else ""),
-        f"- plateau criterion: relative change of the training loss over the last 3 epochs "
-        f"< {args.plateau:.0%}",
+        f"- plateau criterion: relative change of the epoch-mean training loss over the last "
+        f"3 epochs < {args.plateau:.0%}, |L_E - L_(E-3)| / L_(E-3)"
+        + (" (with all 4 epochs at one rate); it is the stopping rule of every run"
+           if by_rule else "; checked after the fixed budget"),
         "- s/epoch: wall time on a shared machine (other runs and jobs at the same time), "
         "not a speed comparison of the geometries", "",
     ]
@@ -230,9 +309,10 @@ def report(args, rows, folder: Path) -> str:
                   "60k/10k Fashion-MNIST benchmark.", ""]
     lines += ["## Per geometry: mean ± s.d. over seeds (n)", "",
               "| geometry | final test error (%) | best test error (%) | final train loss | "
-              "loss change, last 3 epochs | plateaued | diverged | s/epoch | "
-              "max constraint error |",
-              "|---|---|---|---|---|---|---|---|---|"]
+              "loss change, last 3 epochs | plateaued | diverged | "
+              + ("epochs, mean (range) | " if by_rule else "")
+              + "s/epoch | max constraint error |",
+              "|---|---|---|---|---|---|---|---|---|" + ("---|" if by_rule else "")]
     for v, rs in by.items():
         ok = [r for r in rs if r["status"] == "completed"]
         if not rs:
@@ -246,8 +326,9 @@ def report(args, rows, folder: Path) -> str:
         lines.append(f"| {v} | {_pm(fe, 2)} ({fe[2]}) | {_pm(be, 2)}"
                      f" | {_pm(tl, 4)} | ≤ {pc:.1%} | "
                      f"{sum(bool(r['plateaued']) for r in ok)}/{len(rs)} | "
-                     f"{sum(r['status'] == 'diverged' for r in rs)}/{len(rs)} | {tp[0]:.2f} | "
-                     f"{ce:.1e} |")
+                     f"{sum(r['status'] == 'diverged' for r in rs)}/{len(rs)} | "
+                     + (f"{_epochs_cell(ok)} | " if by_rule and ok else "— | " if by_rule else "")
+                     + f"{tp[0]:.2f} | {ce:.1e} |")
     if pairs:
         lines += ["", "## Paired against Euclidean (with batch norm), same seed: final test "
                   "error difference (percentage points)", "",
@@ -264,9 +345,24 @@ def report(args, rows, folder: Path) -> str:
                   "these seeds at this budget.", "", verdict(pairs), "",
                   "![test error](test_error.png)", "", "![training loss](train_loss.png)", "",
                   "![paired differences](paired.png)"]
+        if by_rule:
+            lines += ["", "![final test error](final_error.png)"]
+    if by_rule:
+        lines += ["", "## Runs", "",
+                  "| run | epochs | rate divided after epoch | final train loss | "
+                  "final test error (%) | plateaued |", "|---|---|---|---|---|---|"]
+        for r in rows:
+            if r["status"] != "completed":
+                lines.append(f"| {r['run']} | {r['epochs_done']} | — | — | — | "
+                             f"{r['status']} |")
+                continue
+            lines.append(f"| {r['run']} | {r['epochs_done']} | "
+                         f"{r['rate_divided_after'] or '—'} | {r['final_train_loss']:.4f} | "
+                         f"{r['final_test_error'] * 100:.2f} | "
+                         f"{'yes' if r['plateaued'] else 'no (budget reached)'} |")
     lines += ["", "Not measured here: other learning rates per geometry (one shared lr; see the "
-              "learning-rate sweep for the sensitivity), data augmentation, larger models, "
-              "longer schedules."
+              "learning-rate sweep for the sensitivity), data augmentation, larger models"
+              + ("." if by_rule else ", longer schedules.")
               + (" The full 60k/10k images." if reduced else "")
               + (" The 28x28 images." if args.image_size else ""), ""]
     text = "\n".join(lines)
@@ -283,10 +379,18 @@ def main(argv=None) -> int:
     p.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS),
                    metavar="GEOMETRY", help=f"default: {', '.join(VARIANTS)}")
     p.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
-    p.add_argument("--epochs", type=int, default=30)
+    p.add_argument("--epochs", type=int, default=30,
+                   help="epochs of the cosine schedule; the most a run may take with "
+                        "--schedule plateau (default: %(default)s)")
+    p.add_argument("--schedule", choices=("cosine", "plateau"), default="cosine",
+                   help="cosine: a fixed budget of --epochs; plateau: the rate is divided by "
+                        "10 at each plateau of the training loss (the --plateau criterion) "
+                        "and a run ends at its third plateau (default: %(default)s)")
     p.add_argument("--lr", type=float, default=0.1)
     p.add_argument("--batch-size", type=int, default=128)
-    p.add_argument("--plateau", type=float, default=0.02)
+    p.add_argument("--plateau", type=float, default=0.02,
+                   help="plateau criterion: relative change of the training loss over 3 "
+                        "epochs (default: %(default)s)")
     add_concurrency(p, "runs trained at once, one worker process each (default: 1)")
     argv = sys.argv[1:] if argv is None else list(argv)
     args = p.parse_args(argv)

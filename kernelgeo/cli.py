@@ -178,11 +178,23 @@ def _add_common(p: argparse.ArgumentParser, *, defaults: dict | None = None) -> 
                         "Riemannian SGD; see kernelgeo.optim.step_rules (default: %(default)s)")
     g.add_argument("--schedule", choices=SCHEDULES, default="cosine",
                    help="learning-rate schedule, stepped every iteration; cosine and step "
-                        "depend on --epochs (default: %(default)s)")
+                        "depend on --epochs; plateau divides the rate by 10 each time the "
+                        "training loss plateaus and stops at the last plateau, --epochs being "
+                        "the most it may take (default: %(default)s)")
     g.add_argument("--rm-t0", type=_field("rm_t0", float), default=None,
                    help="Robbins-Monro t0 in steps (default: one epoch)")
     g.add_argument("--rm-power", type=_field("rm_power", float), default=0.75,
                    help="Robbins-Monro decay power in (0.5, 1] (default: %(default)s)")
+    g.add_argument("--plateau-tol", type=_field("plateau_tol", float), default=0.02,
+                   help="plateau schedule: the training loss has plateaued when its relative "
+                        "change over --plateau-window epochs at one rate is below this "
+                        "(default: %(default)s)")
+    g.add_argument("--plateau-window", type=_field("plateau_window"), default=3,
+                   help="plateau schedule: epochs over which the change is measured "
+                        "(default: %(default)s)")
+    g.add_argument("--plateau-decays", type=_field("plateau_decays"), default=2,
+                   help="plateau schedule: rate divisions before the plateau that ends the "
+                        "run (default: %(default)s)")
     g.add_argument("--epochs", type=_field("epochs"), default=d["epochs"],
                    help="with --resume it may grow (extending a finished run) for the constant "
                         "and robbins-monro schedules only (default: %(default)s)")

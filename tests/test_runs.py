@@ -81,7 +81,8 @@ def test_resume_and_force_together_refused(tmp_path):
     {"model": "resnet20"}, {"lr": 0.2}, {"schedule": "robbins-monro"}, {"batch_size": 32},
     {"momentum": 0.5}, {"weight_decay": 0.0}, {"seed": 1}, {"train_subset": 500},
     {"include_linear": True}, {"amp": "bf16"}, {"crop_padding": 2}, {"step_rule": "none"},
-    {"optimizer": "geoopt"},
+    {"optimizer": "geoopt"}, {"plateau_tol": 0.05}, {"plateau_window": 2},
+    {"plateau_decays": 1},
 ])
 def test_resume_refuses_every_result_changing_setting(finished, change):
     before = _snapshot(finished)

@@ -28,7 +28,7 @@ __all__ = ["ConfigError", "TrainConfig", "OPTIMIZERS", "SCHEDULES", "STEP_RULES"
 #: optimizers of ``--optimizer`` (see :func:`kernelgeo.training.build_optimizer`)
 OPTIMIZERS = ("rsgd", "adam", "geoopt", "sgd")
 #: learning-rate schedules of ``--schedule`` (see :func:`kernelgeo.training.build_scheduler`)
-SCHEDULES = ("cosine", "step", "robbins-monro", "constant")
+SCHEDULES = ("cosine", "step", "robbins-monro", "constant", "plateau")
 #: step-size rules of :class:`kernelgeo.optim.ConvergentRSGD`
 STEP_RULES = tuple(RULES)
 #: the step rule :class:`kernelgeo.optim.ConvergentRSGD` uses when none is given
@@ -48,6 +48,11 @@ NOT_RESULT_FIELDS = frozenset({
     "force", "checkpoint", "stop_after", "max_steps", "sync_check_every", "broadcast_every",
     "quiet", "progress", "print_freq", "command", "extra", "track_path",
 })
+
+
+#: fields added after checkpoints were first written, with the value that reproduces what
+#: those versions did (a checkpoint without the field resumes when the value is that one)
+_LATER_FIELDS = {"plateau_tol": 0.02, "plateau_window": 3, "plateau_decays": 2}
 
 
 class ConfigError(ValueError):
@@ -89,6 +94,9 @@ class TrainConfig:
     manifold_weight_decay: float = 0.0
     rm_t0: float | None = None
     rm_power: float = 0.75
+    plateau_tol: float = 0.02
+    plateau_window: int = 3
+    plateau_decays: int = 2
     augment: str = "auto"
     crop_padding: int | None = None
     seed: int = 0
@@ -158,6 +166,9 @@ _CHECKS: dict[str, tuple[Callable[[Any], bool], str]] = {
     "manifold_weight_decay": (_real(lambda v: v >= 0), "a finite number >= 0"),
     "rm_t0": (_optional(_real(lambda v: v > 0)), "a finite number > 0 (steps)"),
     "rm_power": (_real(lambda v: 0.5 < v <= 1), "a number in (0.5, 1] (Robbins-Monro)"),
+    "plateau_tol": (_real(lambda v: 0 < v < 1), "a number in (0, 1) (relative loss change)"),
+    "plateau_window": (_int(1), "a positive integer (epochs)"),
+    "plateau_decays": (_int(0), "an integer >= 0"),
     "augment": (_one_of(AUGMENTATIONS), f"one of {', '.join(AUGMENTATIONS)}"),
     "crop_padding": (_optional(_int(0)), "an integer >= 0 (pixels)"),
     "seed": (_int(0, SEED_MAX), f"an integer in [0, {SEED_MAX}] (2**63 - 1)"),
@@ -231,10 +242,13 @@ def config_dict(cfg: TrainConfig) -> dict[str, Any]:
 def resume_differences(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
     """The result-changing settings that differ between a checkpoint's configuration ``old``
     and the resuming run's ``new`` (both :func:`config_dict` outputs), as
-    ``"name: checkpoint X vs now Y"``; a setting missing from ``old`` counts as different."""
+    ``"name: checkpoint X vs now Y"``; a setting missing from ``old`` counts as different, except
+    a field added later (``_LATER_FIELDS``) at the value that reproduces the older versions."""
     diff = []
     for key in new:
         if key in NOT_RESULT_FIELDS:
+            continue
+        if key not in old and key in _LATER_FIELDS and new[key] == _LATER_FIELDS[key]:
             continue
         if key not in old:
             diff.append(f"{key}: not in checkpoint vs now {new[key]!r}")

@@ -57,6 +57,7 @@ from .environment import (
 from .loaders import build_loaders, default_model
 from .optimizers import LENGTH_DEPENDENT_SCHEDULES, build_optimizer, build_scheduler
 from .path import PathMeter
+from .plateau import PlateauLR
 
 __all__ = ["train", "evaluate", "CKPT_FORMAT"]
 
@@ -421,8 +422,11 @@ def _train(run: _Run, state: dict | None) -> dict:
             + (f"; {ctx.world_size} ranks ({ctx.backend})" if ctx.enabled else ""))
 
     divergence, stopped_early = 0.0, False
+    plateau = run.scheduler if isinstance(run.scheduler, PlateauLR) else None
     t_run = time.perf_counter()
-    for epoch in range(start_epoch, cfg.epochs):
+    # a resumed run that already reached its final plateau trains no further
+    first = cfg.epochs if plateau is not None and plateau.converged else start_epoch
+    for epoch in range(first, cfg.epochs):
         t0 = time.perf_counter()
         step, acc, skipped, divergence = _train_epoch(run, model_t, epoch, step, divergence)
         row = _epoch_row(run, model_t, epoch, step, acc, skipped, t0)
@@ -433,10 +437,19 @@ def _train(run: _Run, state: dict | None) -> dict:
                 f"constraint {row['constraint_error']:.2e}  {row['epoch_time']:.2f}s "
                 f"({row['images_per_s']:.0f} img/s)"
                 + (f"  {skipped} fp16 steps skipped (inf/NaN)" if skipped else ""))
+        # decided before the checkpoint, so that a resumed run continues at the same rate
+        done = plateau is not None and plateau.epoch_end(row["train_loss"])
+        if plateau is not None and plateau.decay_epochs[-1:] == [epoch + 1]:
+            run.log(f"training loss plateaued at epoch {epoch + 1}: learning rate now "
+                    f"{run.optimizer.param_groups[0]['lr']:.3g}")
         if ctx.is_main and run.out is not None:
             if cfg.checkpoint:
                 _checkpoint(run, epoch + 1, step, history)
             rundir.write_metrics(run.out, history)
+        if done:
+            run.log(f"training loss plateaued at the final learning rate at epoch {epoch + 1}"
+                    f" (change < {plateau.tol:g} over {plateau.window} epochs): done")
+            break
         if cfg.max_steps and step >= cfg.max_steps:
             stopped_early = epoch + 1 < cfg.epochs or step < len(run.train_loader) * cfg.epochs
             break
@@ -477,6 +490,8 @@ def _summary(run: _Run, history, n_params, n_manifold, divergence, run_time,
         "final_constraint_error": history[-1]["constraint_error"] if history else 0.0,
         "amp_skipped_steps": sum(h.get("amp_skipped_steps", 0) for h in history),
         "path_length": run.path.total_length() if run.path is not None else None,
+        "plateau": (run.scheduler.describe() if isinstance(run.scheduler, PlateauLR)
+                    else None),
         "path_length_per_layer": run.path.layer_lengths() if run.path is not None else None,
         "path_length_note": ("not measured (track_path=False)" if run.path is None
                               else run.path.unavailable or ""),

@@ -16,6 +16,7 @@ from torch.optim import lr_scheduler as lrs
 from .._compat import ManifoldParameter, RiemannianSGD
 from ..optim import ConvergentRSGD, RiemannianAdam, RobbinsMonroLR
 from .config import OPTIMIZERS, SCHEDULES, ConfigError, TrainConfig
+from .plateau import PlateauLR
 
 __all__ = ["param_groups", "build_optimizer", "build_scheduler", "LENGTH_DEPENDENT_SCHEDULES"]
 
@@ -92,8 +93,11 @@ def build_scheduler(optimizer: torch.optim.Optimizer, cfg: TrainConfig, total_st
     :math:`\eta_t = \eta_0 (1 + t/t_0)^{-p}` with :math:`1/2 < p \le 1`
     (:math:`\sum\eta_t=\infty`, :math:`\sum\eta_t^2<\infty`, the step sizes of the
     convergence theorem; ``t0`` defaults to one epoch); ``constant``:
-    :class:`~torch.optim.lr_scheduler.ConstantLR` with factor 1.  ``cosine`` and ``step``
-    depend on ``total_steps`` (:data:`LENGTH_DEPENDENT_SCHEDULES`).
+    :class:`~torch.optim.lr_scheduler.ConstantLR` with factor 1; ``plateau``:
+    :class:`kernelgeo.training.plateau.PlateauLR` (rate x0.1 at each plateau of the training
+    loss, ``cfg.plateau_*``; the training loop reports every epoch's loss to it and stops at
+    the final plateau).  ``cosine`` and ``step`` depend on ``total_steps``
+    (:data:`LENGTH_DEPENDENT_SCHEDULES`).
     """
     if cfg.schedule not in SCHEDULES:
         raise ConfigError(f"unknown schedule {cfg.schedule!r}; valid: {', '.join(SCHEDULES)}")
@@ -106,4 +110,7 @@ def build_scheduler(optimizer: torch.optim.Optimizer, cfg: TrainConfig, total_st
     if cfg.schedule == "robbins-monro":
         return RobbinsMonroLR(optimizer, t0=float(cfg.rm_t0 or steps_per_epoch),
                               power=cfg.rm_power)
+    if cfg.schedule == "plateau":
+        return PlateauLR(optimizer, tol=cfg.plateau_tol, window=cfg.plateau_window,
+                         decays=cfg.plateau_decays)
     return lrs.ConstantLR(optimizer, factor=1.0, total_iters=0)
