@@ -134,6 +134,40 @@ def test_registry_aliases_case_and_kwargs():
                                                      radius=3.0).components)
 
 
+def test_radius_in_the_spec_text():
+    from kernelgeo.manifolds import parse_geometry
+
+    assert get_manifold("sphere@2").radius == 2.0
+    assert get_manifold(" Stiefel @ 1.5 ").radius == 1.5
+    assert all(c.radius == 0.5 for c in get_manifold("po:sphere+stiefel@0.5").components)
+    g = parse_geometry("layer1.*=stiefel@1.4142135623730951,*=sphere")
+    radii = {r.glob: r.manifold.radius for r in g.rules}
+    assert radii == {"layer1.*": 2 ** 0.5, "*": 1.0}
+    assert g.text == "layer1.*=stiefel@1.4142135623730951,*=sphere"  # what configs record
+    # a point on the manifold has filters of that norm
+    x = get_manifold("sphere@3").projx(torch.randn(4, 2, 3, 3, dtype=torch.float64))
+    assert torch.allclose(x.flatten(1).norm(dim=1), torch.full((4,), 3.0, dtype=torch.float64))
+
+
+@pytest.mark.parametrize("spec, match", [
+    ("sphere@0", "finite r > 0"), ("sphere@-1", "finite r > 0"), ("sphere@nan", "finite r > 0"),
+    ("sphere@inf", "finite r > 0"), ("sphere@", "finite r > 0"), ("sphere@two", "finite r > 0"),
+    ("euclidean@2", "no radius"), ("none@2", "no radius"),
+])
+def test_bad_radius_in_the_spec_text(spec, match):
+    from kernelgeo.manifolds import GeometryError, parse_geometry
+
+    with pytest.raises(GeometryError, match=match):
+        get_manifold(spec)
+    with pytest.raises(GeometryError, match=match):
+        parse_geometry(f"layer1.*={spec},*=euclidean")
+
+
+def test_radius_given_twice_is_refused():
+    with pytest.raises(ValueError, match="give it once"):
+        get_manifold("sphere@2", radius=2.0)
+
+
 # ------------------------------------------------------------------ numerical edge cases
 @pytest.mark.parametrize("name", ["sphere", "centered-sphere", "oblique", "oblique-slice",
                                   "stiefel", "stiefel-slice"])

@@ -512,3 +512,20 @@ def test_resume_is_exact_for_every_schedule(tmp_path, schedule):
     rest = train(_cfg(out=str(tmp_path / "part"), resume=True, **kw))
     assert _strip(rest["history"]) == _strip(full["history"])
     assert full["history"][1]["lr"] < full["history"][0]["lr"]  # the schedule acted
+
+
+def test_radius_in_the_geometry_is_trained_and_restored(tmp_path):
+    """``sphere@2`` / ``stiefel@r`` kernels keep norm r through training, and
+    :func:`kernelgeo.load_run` rebuilds them on the same radius (not the default 1)."""
+    from kernelgeo import load_run
+
+    for geom, r in (("sphere@2", 2.0), ("stiefel@1.4142135623730951", 2 ** 0.5)):
+        out = tmp_path / geom.split("@")[0]
+        s = train(_cfg(out=str(out), geometry=geom))
+        assert s["geometry"] == geom and s["max_constraint_error"] < 1e-5
+        run = load_run(out)
+        convs = [(n, p) for n, p in run.model.named_parameters() if p.dim() == 4]
+        assert convs and all(p.manifold.radius == r for _, p in convs)
+        for n, p in convs:
+            norms = p.detach().flatten(1).norm(dim=1)
+            assert torch.allclose(norms, torch.full_like(norms, r), atol=1e-5), n

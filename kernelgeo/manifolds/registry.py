@@ -1,4 +1,4 @@
-"""Names of the kernel geometries and the parser of product specifications.
+r"""Names of the kernel geometries and the parser of product specifications.
 
 Names (aliases in brackets name the normalisation method that induces the geometry):
 
@@ -24,7 +24,12 @@ Geometry specifications (the ``--geometry`` option of the command line) are pars
 
     spec  := manifold | rule ("," rule)*
     rule  := glob "=" manifold          (fnmatch glob over module names; first match wins)
-    manifold := name | alias | product  (see above)
+    manifold := (name | alias | product) ["@" radius]
+
+``@radius`` sets the radius :math:`r > 0` of every factor (default 1), e.g. ``stiefel@1.4142``:
+filters of norm :math:`\sqrt 2`, the expected norm of a He-initialised ReLU filter
+(:math:`n \cdot 2/n`).  It is part of the text that run configurations record, so a run is
+rebuilt with the radius it was trained with.
 """
 
 from __future__ import annotations
@@ -145,6 +150,21 @@ def get_manifold(spec: str | KernelManifold, **kwargs) -> KernelManifold:
     if not isinstance(spec, str):
         raise TypeError(f"manifold spec must be a str or KernelManifold, got {type(spec).__name__}")
     s = spec.strip().lower()
+    if "@" in s:
+        s, r = (x.strip() for x in s.rsplit("@", 1))
+        if "radius" in kwargs:
+            raise GeometryError(f"{spec!r} gives a radius and radius={kwargs['radius']!r} is "
+                                "passed too; give it once")
+        try:
+            radius = float(r)
+        except ValueError:
+            radius = math.nan
+        if not (math.isfinite(radius) and radius > 0):
+            raise GeometryError(f"bad radius {r!r} in {spec!r}: expected '<manifold>@<r>' "
+                                "with a finite r > 0, e.g. 'sphere@1.4142'")
+        if ALIASES.get(s, s) == "euclidean":
+            raise GeometryError(f"{spec!r}: euclidean kernels have no radius; drop '@{r}'")
+        kwargs = dict(kwargs, radius=radius)
     if s.split(":", 1)[0] in _PARTITIONS and ":" in s:
         return _product(s, **kwargs)
     return _single(s, **kwargs)
