@@ -404,11 +404,45 @@ def t_interval(diffs: Sequence[float], level: float = 0.95) -> tuple[float, floa
     return m, m - half, m + half
 
 
-def machine_line() -> str:
-    """``host: CPU (n cores), torch x, python y``."""
-    info = machine_info()
-    return (f"{info.get('cpu', info['processor'])}, {info['cpu_count']} logical cores "
-            f"(shared), torch {info['torch']}, python {info['python']}")
+def _describe_machine(info: dict) -> str:
+    return (f"{info.get('gpu') + ', ' if info.get('gpu') else ''}"
+            f"{info.get('cpu', info.get('processor', '?'))}, {info.get('cpu_count', '?')} "
+            f"logical cores (shared), torch {info.get('torch', '?')}, "
+            f"python {info.get('python', '?')}")
+
+
+def machine_line(rows: Sequence[dict] | None = None) -> str:
+    """``GPU, CPU (n cores), torch x, python y`` of the machine(s) that trained ``rows`` (from
+    their summaries; several are listed), else of this process's machine."""
+    seen = []
+    for r in rows or ():
+        info = (r.get("_summary") or {}).get("machine")
+        if info and _describe_machine(info) not in seen:
+            seen.append(_describe_machine(info))
+    return "; ".join(seen) if seen else _describe_machine(machine_info())
+
+
+def date_line(rows: Sequence[dict] | None = None) -> str:
+    """When the runs of ``rows`` finished (from their summaries, UTC) and when the report was
+    written: a report rebuilt with ``--report-only`` keeps the training dates."""
+    from datetime import datetime, timezone
+
+    now = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
+    ends = []
+    for r in rows or ():
+        d = (r.get("_summary") or {}).get("date")
+        try:
+            ends.append(datetime.strptime(d, "%Y-%m-%d %H:%M:%S %z").astimezone(timezone.utc))
+        except (TypeError, ValueError):
+            continue
+    if not ends:
+        return now
+    a, b = min(ends), max(ends)
+    first, last = f"{a:%Y-%m-%d %H:%M}", f"{b:%Y-%m-%d %H:%M}"
+    if last != first:
+        first += " to " + (last[11:] if last[:10] == first[:10] else last)
+    span = first
+    return f"runs finished {span} UTC; report written {now}"
 
 
 def command_line() -> str:

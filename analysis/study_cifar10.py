@@ -28,7 +28,6 @@ Writes ``runs.csv``, ``test_error.png`` and ``report.md`` to ``--out``.
 from __future__ import annotations
 
 import sys
-import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -38,6 +37,7 @@ from studies import (  # noqa: E402
     add_concurrency,
     base_parser,
     command_line,
+    date_line,
     dispatch,
     machine_line,
     mean_std,
@@ -81,8 +81,8 @@ def report(args, rows, folder: Path) -> str:
     base = {r["seed"]: r["final_test_error"] for r in rows
             if r["geometry"] == "euclidean" and r["status"] == "completed"}
     lines = [f"# {title}", "",
-             f"- command: `{command_line()}`", f"- machine: {machine_line()}",
-             f"- date: {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}",
+             f"- command: `{command_line()}`", f"- machine: {machine_line(rows)}",
+             f"- date: {date_line(rows)}",
              f"- budget: {len(rows)} runs, lr {args.lr:g}, batch {args.batch_size}, amp "
              f"{args.amp}, {args.concurrent} concurrent process(es)", "",
              "| geometry | final test error (%) | best test error (%) | completed | "

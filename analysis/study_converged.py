@@ -43,7 +43,6 @@ from __future__ import annotations
 import csv
 import math
 import sys
-import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -54,6 +53,7 @@ from studies import (  # noqa: E402
     add_concurrency,
     base_parser,
     command_line,
+    date_line,
     dispatch,
     machine_line,
     mean_std,
@@ -295,8 +295,8 @@ def report(args, rows, folder: Path) -> str:
         f"# Converged comparison: {name}{' — REDUCED' if reduced else ''}"
         + (f", {args.image_size}x{args.image_size} images" if args.image_size else ""), "",
         f"- command: `{command_line()}`",
-        f"- machine: {machine_line()}",
-        f"- date: {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}",
+        f"- machine: {machine_line(rows)}",
+        f"- date: {date_line(rows)}",
         f"- data: {size}",
         f"- budget: {len(rows)} runs; "
         + (f"plateau schedule (lr {args.lr:g}, divided by 10 at each plateau of the "

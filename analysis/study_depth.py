@@ -29,7 +29,6 @@ from __future__ import annotations
 import csv
 import math
 import sys
-import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -42,6 +41,7 @@ from studies import (  # noqa: E402
     base_parser,
     collect,
     command_line,
+    date_line,
     extra_file,
     machine_line,
     mean_std,
@@ -199,8 +199,8 @@ def report(args, runs, rows, folder: Path) -> str:
            if args.train_subset or args.test_subset else "")
         + (f", {args.image_size}x{args.image_size}" if args.image_size else ""), "",
         f"- command: `{command_line()}`",
-        f"- machine: {machine_line()}",
-        f"- date: {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}",
+        f"- machine: {machine_line(rows)}",
+        f"- date: {date_line(rows)}",
         f"- budget: {len(rows)} runs of {args.epochs} epochs (cosine, momentum 0.9, batch 128, "
         f"default step rule); depths {args.depths}; learning rates {args.lrs}; seeds "
         f"{args.seeds}; training time summed over runs {minutes:.1f} min",

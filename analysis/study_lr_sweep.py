@@ -36,6 +36,7 @@ from studies import (  # noqa: E402
     base_parser,
     collect,
     command_line,
+    date_line,
     machine_line,
     run_grid,
     run_name,
@@ -136,8 +137,8 @@ def report(args, rows, folder: Path, wall: float | None) -> str:
     lines = [
         f"# Learning-rate sweep: {label}", "",
         f"- command: `{command_line()}`",
-        f"- machine: {machine_line()}",
-        f"- date: {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}",
+        f"- machine: {machine_line(rows)}",
+        f"- date: {date_line(rows)}",
         f"- budget: {len(rows)} runs of {args.epochs} epochs; model `{rows[0]['model']}`; "
         f"batch {args.batch_size}; cosine schedule; momentum 0.9; weight decay 5e-4 on "
         "Euclidean parameters; default step rule"

@@ -248,7 +248,8 @@ def build_parser() -> argparse.ArgumentParser:
     geo_help = (f"geometry: a name ({', '.join(available())}), a product like "
                 "'po:sphere+stiefel' or 'po:2:sphere+stiefel', or per-layer rules "
                 "'layer1.*=sphere,layer3.*=stiefel,*=euclidean' (module-name globs, first "
-                "match wins; unmatched layers stay euclidean)")
+                "match wins; unmatched layers stay euclidean); '@r' after a manifold sets "
+                "its radius, e.g. 'stiefel@1.4142' (default radius 1)")
 
     p = sub.add_parser("train", help="train one model",
                        formatter_class=argparse.RawDescriptionHelpFormatter, epilog=epilog,

@@ -177,3 +177,48 @@ def test_cifar10_concurrent_workers(tmp_path):
     _check_csv(out / "runs.csv", 2)
     with pytest.raises(SystemExit):  # a second launch without --resume is refused
         study_cifar10.main(argv)
+
+
+def test_converged_plateau_schedule_on_digits(tmp_path):
+    """``--schedule plateau``: every run stops at its own plateau or at --epochs; the table says
+    which, the figures draw each run, and a variant with its own rate is trained at it."""
+    out = tmp_path / "plateau"
+    argv = ["--out", str(out), "--dataset", "digits", "--schedule", "plateau", "--epochs", "40",
+            "--seeds", "0", "--variants", "euclidean", "oblique (lr 1)", "--concurrent", "2"]
+    assert study_converged.main(argv) == 0
+    rows = {r["run"]: r for r in _check_csv(out / "runs.csv", 2)}
+    assert set(rows) == {"euclidean_s0", "oblique-lr1_s0"}
+    assert float(rows["oblique-lr1_s0"]["lr"]) == 1.0 and float(rows["euclidean_s0"]["lr"]) == 0.1
+    for name, r in rows.items():
+        s = json.loads((out / "runs" / name / "summary.json").read_text())
+        assert r["plateaued"] == str(s["plateau"]["converged"])
+        assert r["rate_divided_after"] == " ".join(map(str, s["plateau"]["decay_epochs"]))
+        assert int(r["epochs_done"]) == s["plateau"]["epochs"] <= 40
+        if s["plateau"]["converged"]:  # the stop is the stated criterion, at the last rate
+            assert float(r["train_loss_rel_change_3"]) < 0.02
+            assert len(s["plateau"]["decay_epochs"]) == 2
+    md = (out / "report.md").read_text()
+    assert "## Runs" in md and "it is the stopping rule of every run" in md
+    assert "- date: runs finished " in md
+    for png in ("test_error.png", "train_loss.png", "final_error.png", "paired.png"):
+        assert (out / png).stat().st_size > 0
+
+
+def test_report_dates_and_machine_come_from_the_runs():
+    rows = [{"_summary": {"date": "2026-01-02 03:04:05 +0000",
+                          "machine": {"cpu": "CPU A", "cpu_count": 2, "torch": "2.0",
+                                      "python": "3.11"}}},
+            {"_summary": {"date": "2026-01-02 05:06:07 +0200",
+                          "machine": {"cpu": "CPU A", "cpu_count": 2, "torch": "2.0",
+                                      "python": "3.11", "gpu": "GPU B"}}},
+            {"_summary": {}}]
+    line = studies.date_line(rows)
+    # 05:06 at +02:00 is 03:06 UTC: the same day, so the end is given as a time
+    assert line.startswith("runs finished 2026-01-02 03:04 to 03:06 UTC; report written ")
+    rows[1]["_summary"]["date"] = "2026-01-03 05:06:07 +0000"
+    assert studies.date_line(rows).startswith("runs finished 2026-01-02 03:04 to "
+                                              "2026-01-03 05:06 UTC")
+    assert studies.machine_line(rows) == ("CPU A, 2 logical cores (shared), torch 2.0, python "
+                                          "3.11; GPU B, CPU A, 2 logical cores (shared), "
+                                          "torch 2.0, python 3.11")
+    assert "runs finished" not in studies.date_line([])
