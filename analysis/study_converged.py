@@ -5,16 +5,18 @@ baseline.
 Geometries: Euclidean with batch norm (the baseline, ``resnet-digits``: stem + two basic blocks,
 16/32 channels), Euclidean without batch norm (``resnet-digits-nobn``), sphere, centred sphere,
 oblique, Stiefel and the product ``po:sphere+stiefel`` (output channels split between a sphere
-and a Stiefel factor), all with batch norm.  Every run uses the same data, schedule (cosine),
-learning rate, momentum and batch size; seed ``s`` of every geometry shares the data order and
+and a Stiefel factor), all with batch norm.  Every run uses the same data, schedule,
+learning rate (except a variant that names its own), momentum and batch size; seed ``s`` of every geometry shares the data order and
 the initial Euclidean weights' random stream, so the per-seed differences to the baseline are
 paired.
 
-Plateau criterion: a run has plateaued when its training loss changed by less than
-``--plateau`` (relative, default 2 %) over its last 3 epochs,
-``|L_E - L_{E-3}| / L_{E-3} < 0.02``.  The cosine schedule drives the learning rate to 0, so
-the criterion is checked and reported per run, not assumed; a run that fails it is flagged in
-the table.
+Plateau criterion: a run has plateaued when its epoch-mean training loss changed by less
+than ``--plateau`` (relative, default 2 %) over its last 3 epochs,
+``|L_E - L_{E-3}| / L_{E-3} < 0.02``.  With ``--schedule plateau`` the criterion is the
+stopping rule (:class:`kernelgeo.training.plateau.PlateauLR`): the learning rate is divided by
+10 at each plateau, and a run ends at the plateau after the second division (``--epochs`` is
+then the most a run may take).  With the cosine schedule (a fixed budget of ``--epochs``) the
+criterion is checked after the run; a run that fails it is flagged in the table.
 
 Paired comparison: for each geometry and seed, ``d_s = error_s(geometry) - error_s(euclidean)``;
 reported as mean ± s.d. over seeds and a two-sided 95 % Student-t interval (n - 1 degrees of
@@ -23,19 +25,28 @@ resolved at this budget, not whether one exists.
 
 Full study (GPU or many CPU cores; 60k/10k images at 28x28)::
 
-    python analysis/study_converged.py --epochs 30 --seeds 0 1 2 \
+    python analysis/study_converged.py --schedule plateau --epochs 100 --seeds 0 1 2 \
         --out analysis/results/converged_fmnist --resume
 
-What fits a shared 2-core CPU in about three hours (all images, downsampled to 14x14;
-20 epochs; two runs at once), and its budget check (40 epochs, seed 0)::
+What fits a shared 2-core CPU in about an hour and a half (all images, downsampled to
+14x14, each run trained to its plateau; two runs at once), and oblique kernels at their own
+rate::
+
+    python analysis/study_converged.py --image-size 14 --schedule plateau --epochs 60 \
+        --concurrent 2 --out analysis/results/converged_fmnist_14px_plateau --resume
+    python analysis/study_converged.py --image-size 14 --schedule plateau --epochs 60 \
+        --concurrent 2 --variants euclidean "oblique (lr 1)" \
+        --out analysis/results/converged_fmnist_14px_plateau --resume
+
+Fixed cosine budgets of 20 epochs (three seeds) and 40 epochs (seed 0)::
 
     python analysis/study_converged.py --image-size 14 --epochs 20 --concurrent 2 \
         --out analysis/results/converged_fmnist_14px --resume
     python analysis/study_converged.py --image-size 14 --epochs 40 --seeds 0 --concurrent 2 \
         --out analysis/results/converged_fmnist_14px_40ep --resume
 
-Writes ``runs.csv``, ``paired.csv``, ``test_error.png``, ``train_loss.png``, ``paired.png`` and
-``report.md`` to ``--out``.
+Writes ``runs.csv``, ``paired.csv``, ``test_error.png``, ``train_loss.png``, ``paired.png``
+(and ``final_error.png`` with the plateau schedule) and ``report.md`` to ``--out``.
 """
 
 from __future__ import annotations
