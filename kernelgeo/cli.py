@@ -196,8 +196,9 @@ def _add_common(p: argparse.ArgumentParser, *, defaults: dict | None = None) -> 
                    help="plateau schedule: rate divisions before the plateau that ends the "
                         "run (default: %(default)s)")
     g.add_argument("--epochs", type=_field("epochs"), default=d["epochs"],
-                   help="with --resume it may grow (extending a finished run) for the constant "
-                        "and robbins-monro schedules only (default: %(default)s)")
+                   help="with --resume it may grow (extending a finished run) for the "
+                        "constant, robbins-monro and plateau schedules only; the most a plateau "
+                        "run may take (default: %(default)s)")
     g.add_argument("--batch-size", type=_field("batch_size"), default=d["batch_size"],
                    help="global batch size (default: %(default)s)")
     g.add_argument("--lr", type=_field("lr", float), default=d["lr"],
