@@ -6,9 +6,9 @@ Geometries: Euclidean with batch norm (the baseline, ``resnet-digits``: stem + t
 16/32 channels), Euclidean without batch norm (``resnet-digits-nobn``), sphere, centred sphere,
 oblique, Stiefel and the product ``po:sphere+stiefel`` (output channels split between a sphere
 and a Stiefel factor), all with batch norm.  Every run uses the same data, schedule,
-learning rate (except a variant that names its own), momentum and batch size; seed ``s`` of every geometry shares the data order and
-the initial Euclidean weights' random stream, so the per-seed differences to the baseline are
-paired.
+learning rate (except a variant that names its own), momentum and batch size; seed ``s`` of
+every geometry shares the data order and the initial Euclidean weights' random stream, so
+the per-seed differences to the baseline are paired.
 
 Plateau criterion: a run has plateaued when its epoch-mean training loss changed by less
 than ``--plateau`` (relative, default 2 %) over its last 3 epochs,

@@ -15,9 +15,10 @@ on a CPU with the same thread count).  Every setting that changes the result mus
 Extending a finished run (``resume=True`` with a larger ``epochs``) is allowed for the
 ``constant``, ``robbins-monro`` and ``plateau`` schedules, whose learning rate at a step does
 not depend on the length of the run: the extended run is then identical to one started with
-the larger ``epochs`` (a ``plateau`` run that reached its final plateau trains no further).  ``cosine`` and ``step`` schedules are functions of the total number of steps, so
-changing ``epochs`` would change the learning rate of steps already taken: that is refused
-(start a new run with the larger ``--epochs`` instead).
+the larger ``epochs`` (a ``plateau`` run that reached its final plateau trains no further).
+``cosine`` and ``step`` schedules are functions of the total number of steps, so changing
+``epochs`` would change the learning rate of steps already taken: that is refused (start a
+new run with the larger ``--epochs`` instead).
 """
 
 from __future__ import annotations
