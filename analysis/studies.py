@@ -438,10 +438,9 @@ def date_line(rows: Sequence[dict] | None = None) -> str:
     if not ends:
         return now
     a, b = min(ends), max(ends)
-    first, last = f"{a:%Y-%m-%d %H:%M}", f"{b:%Y-%m-%d %H:%M}"
-    if last != first:
-        first += " to " + (last[11:] if last[:10] == first[:10] else last)
-    span = first
+    span, last = f"{a:%Y-%m-%d %H:%M}", f"{b:%Y-%m-%d %H:%M}"
+    if last != span:  # the end as a time alone on the same day
+        span += " to " + (last[11:] if last[:10] == span[:10] else last)
     return f"runs finished {span} UTC; report written {now}"
 
 

@@ -111,8 +111,9 @@ def build_runs(args) -> list[Run]:
                               test_subset=args.test_subset, image_size=args.image_size,
                               model=model, geometry=geom, epochs=args.epochs, lr=lr,
                               seed=s, threads=args.threads, schedule=args.schedule,
-                              plateau_tol=args.plateau,
                               batch_size=args.batch_size)
+            if args.schedule == "plateau":  # only there is the criterion a setting of the run
+                cfg.plateau_tol = args.plateau
             runs.append(Run(run_name(stem, f"s{s}"), cfg,
                             {"variant": label, "batch_norm": model != "resnet-digits-nobn"}))
     return runs
