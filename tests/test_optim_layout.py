@@ -226,27 +226,21 @@ def test_momentum_state_is_written_in_one_module():
     assert offenders == []
 
 
+# the subprocess imports this module's classes: Triton's interpreter must be switched on
+# before triton is first imported, which this process may already have done
 _TRITON_SCRIPT = r"""
 import os, sys
 os.environ["TRITON_INTERPRET"] = "1"
 import torch
 from kernelgeo._compat import geoopt
-from kernelgeo.manifolds import Sphere
 from kernelgeo.optim import ConvergentRSGD, triton_backend as tb
 if not tb.available():
     print("SKIP"); sys.exit(0)
-
-class Overriding(Sphere):
-    calls = 0
-    def _bproju(self, x, u, r):
-        type(self).calls += 1
-        return super()._bproju(x, u, r)
-
-class Declared(Overriding):
-    batched_layout = "rows"
+sys.path.insert(0, "tests")
+from test_optim_layout import _CountingSphere, _DeclaredSphere
 
 out = []
-for cls in (Overriding, Declared):
+for name, cls in (("Overriding", _CountingSphere), ("Declared", _DeclaredSphere)):
     cls.calls = 0
     gen = torch.Generator().manual_seed(0)
     m = cls()
@@ -255,7 +249,7 @@ for cls in (Overriding, Declared):
     p.grad = torch.randn(p.shape, generator=gen)
     opt.step()
     items = sum(len(dp.items) for dp in opt._plan.devices.values())
-    out.append(f"{cls.__name__}:{items}:{cls.calls > 0}")
+    out.append(f"{name}:{items}:{cls.calls > 0}")
 print(" ".join(out))
 """
 

@@ -83,8 +83,10 @@ def _assert_same(ref, tri, o_ref, o_tri, dtype):
                 torch.testing.assert_close(y, x, **tol, msg=lambda m, n=name: f"{n}: {m}")
 
 
-def _compare(spec, dtype, steps=2, linear=False, contiguous=False, scale=1.0, **kw):
-    ref, tri = _pair(spec, dtype, linear)
+def _step_both(ref, tri, dtype, steps, scale, contiguous, **kw):
+    """``steps`` steps of the per-parameter reference path on ``ref`` and of the Triton
+    backend on ``tri`` with the same gradients; weights and state compared; returns the
+    Triton optimizer."""
     o_ref = ConvergentRSGD(ref.parameters(), batched=False, stabilize=None, **kw)
     o_tri = ConvergentRSGD(tri.parameters(), backend="triton", stabilize=None, **kw)
     gen = torch.Generator().manual_seed(1)
@@ -93,6 +95,12 @@ def _compare(spec, dtype, steps=2, linear=False, contiguous=False, scale=1.0, **
         o_ref.step()
         o_tri.step()
     _assert_same(ref, tri, o_ref, o_tri, dtype)
+    return o_tri
+
+
+def _compare(spec, dtype, steps=2, linear=False, contiguous=False, scale=1.0, **kw):
+    ref, tri = _pair(spec, dtype, linear)
+    o_tri = _step_both(ref, tri, dtype, steps, scale, contiguous, **kw)
     assert isinstance(o_tri._plan, tb.TritonPlan)
     return o_tri
 
@@ -181,14 +189,7 @@ def _stiefel_compare(spec="stiefel", dtype=torch.float32, steps=3, scale=1.0,
         for p in tri.parameters():
             if p.dim() == 4:
                 p.data = p.data.transpose(2, 3).contiguous().transpose(2, 3)
-    o_ref = ConvergentRSGD(ref.parameters(), batched=False, stabilize=None, **kw)
-    o_tri = ConvergentRSGD(tri.parameters(), backend="triton", stabilize=None, **kw)
-    gen = torch.Generator().manual_seed(1)
-    for _ in range(steps):
-        _grads((ref, tri), gen, scale, contiguous)
-        o_ref.step()
-        o_tri.step()
-    _assert_same(ref, tri, o_ref, o_tri, dtype)
+    o_tri = _step_both(ref, tri, dtype, steps, scale, contiguous, **kw)
     dp = next(iter(o_tri._plan.devices.values()))
     assert dp.stiefel_items and not any(ch.kind == "stiefel" for gp in o_tri._plan.fallback
                                         for ch in gp.chunks)
