@@ -18,6 +18,16 @@ import torch
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
+#: metrics of a run's history that measure wall time (they differ between identical runs)
+TIME_KEYS = ("epoch_time", "images_per_s")
+
+
+def strip_times(history: list[dict]) -> list[dict]:
+    """A run's per-epoch history without its timing fields (:data:`TIME_KEYS`): what an
+    exactly resumed run must reproduce."""
+    return [{k: v for k, v in row.items() if k not in TIME_KEYS} for row in history]
+
+
 #: relative tolerance of a property check, per floating dtype (float64 tight, float32 loose)
 TOL = {torch.float64: 1e-9, torch.float32: 2e-4}
 

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import strip_times
 
 from kernelgeo.train import TrainConfig, train
 from kernelgeo.training.config import config_dict, resume_differences
@@ -95,11 +96,6 @@ def _cfg(**kw):
     return TrainConfig(**base)
 
 
-def _strip(hist):
-    return [{k: v for k, v in h.items() if k not in ("epoch_time", "images_per_s")}
-            for h in hist]
-
-
 def test_training_stops_at_the_final_plateau_and_resumes_exactly(tmp_path):
     full = train(_cfg(out=str(tmp_path / "full")))
     p = full["plateau"]
@@ -117,7 +113,7 @@ def test_training_stops_at_the_final_plateau_and_resumes_exactly(tmp_path):
     part = train(_cfg(out=str(tmp_path / "part"), stop_after=1))
     assert not part["completed"]
     rest = train(_cfg(out=str(tmp_path / "part"), resume=True))
-    assert rest["plateau"] == p and _strip(rest["history"]) == _strip(h)
+    assert rest["plateau"] == p and strip_times(rest["history"]) == strip_times(h)
     # a finished run resumed with more epochs allowed trains nothing more
     again = train(_cfg(out=str(tmp_path / "full"), epochs=60, resume=True))
     assert again["epochs_done"] == len(h) and again["plateau"]["converged"]

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import strip_times
 
 import kernelgeo.checkpoint as ckmod
 from kernelgeo.checkpoint import CheckpointError, StorageError, load_checkpoint, save_checkpoint
@@ -21,7 +22,6 @@ from kernelgeo.cli import main
 from kernelgeo.training import ConfigError, TrainConfig, rundir, train
 
 REPO = Path(__file__).resolve().parent.parent
-TIME_KEYS = ("epoch_time", "images_per_s")
 
 
 def _cfg(**kw):
@@ -35,10 +35,6 @@ def _snapshot(d: Path) -> dict:
     """Every file under ``d`` (relative path -> bytes, mtime) and every directory."""
     return {str(p.relative_to(d)): (p.read_bytes(), p.stat().st_mtime_ns) if p.is_file()
             else "dir" for p in sorted(d.rglob("*"))}
-
-
-def _strip(hist):
-    return [{k: v for k, v in row.items() if k not in TIME_KEYS} for row in hist]
 
 
 @pytest.fixture(scope="module")
@@ -111,7 +107,7 @@ def test_extension_constant_schedule_equals_longer_run(tmp_path):
     short = train(_cfg(out=str(tmp_path / "ext"), epochs=1, **kw))
     assert short["completed"] and len(short["history"]) == 1
     ext = train(_cfg(out=str(tmp_path / "ext"), epochs=2, resume=True, **kw))
-    assert ext["completed"] and _strip(ext["history"]) == _strip(full["history"])
+    assert ext["completed"] and strip_times(ext["history"]) == strip_times(full["history"])
     a = load_checkpoint(tmp_path / "full" / "checkpoint.pt")["model"]
     b = load_checkpoint(tmp_path / "ext" / "checkpoint.pt")["model"]
     assert all(torch.equal(a[k], b[k]) for k in a)
@@ -308,7 +304,7 @@ def test_sigkill_then_resume_is_bitwise_equal(tmp_path):
     assert proc.returncode == -signal.SIGKILL
     assert load_checkpoint(tmp_path / "k" / "checkpoint.pt")["epoch"] == 1
     rest = train(_cfg(out=str(tmp_path / "k"), resume=True, **kw))
-    assert _strip(rest["history"]) == _strip(full["history"])
+    assert strip_times(rest["history"]) == strip_times(full["history"])
     a = load_checkpoint(tmp_path / "full" / "checkpoint.pt")["model"]
     b = load_checkpoint(tmp_path / "k" / "checkpoint.pt")["model"]
     assert all(torch.equal(a[k], b[k]) for k in a)
@@ -334,7 +330,7 @@ def test_fp16_training_runs_and_resumes(tmp_path):
     assert full["amp_skipped_steps"] < 4 and full["max_constraint_error"] < 1e-5
     train(_cfg(out=str(tmp_path / "b"), stop_after=1, **kw))
     rest = train(_cfg(out=str(tmp_path / "b"), resume=True, **kw))
-    assert _strip(rest["history"]) == _strip(full["history"])
+    assert strip_times(rest["history"]) == strip_times(full["history"])
 
 
 # ----------------------------------------------------------------- progress and names
@@ -510,7 +506,7 @@ def test_resume_is_exact_for_every_schedule(tmp_path, schedule):
     full = train(_cfg(out=str(tmp_path / "full"), **kw))
     train(_cfg(out=str(tmp_path / "part"), stop_after=1, **kw))
     rest = train(_cfg(out=str(tmp_path / "part"), resume=True, **kw))
-    assert _strip(rest["history"]) == _strip(full["history"])
+    assert strip_times(rest["history"]) == strip_times(full["history"])
     assert full["history"][1]["lr"] < full["history"][0]["lr"]  # the schedule acted
 
 

@@ -7,6 +7,7 @@ import math
 
 import pytest
 import torch
+from conftest import strip_times
 
 from kernelgeo.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from kernelgeo.data import DataNotFoundError, load_dataset
@@ -19,7 +20,6 @@ from kernelgeo.train import (
 
 GEOMETRIES = ["euclidean", "sphere", "centered-sphere", "oblique", "oblique-slice", "stiefel",
               "stiefel-slice", "po:sphere+stiefel", "layer1.*=sphere,layer2.*=stiefel"]
-TIME_KEYS = ("epoch_time", "images_per_s")
 
 
 
@@ -90,10 +90,6 @@ def test_tiny_cifar_training_run():
     assert s["dataset_label"].startswith("CIFAR-10 (JPEG q75 copy)")
 
 
-def _strip(hist):
-    return [{k: v for k, v in row.items() if k not in TIME_KEYS} for row in hist]
-
-
 def test_resume_is_exact(tmp_path):
     kw = dict(geometry="po:sphere+stiefel", epochs=3, augment="crop", deterministic=True)
     full = train(_cfg(out=str(tmp_path / "full"), **kw))
@@ -101,9 +97,9 @@ def test_resume_is_exact(tmp_path):
     assert len(part["history"]) == 1 and not part["completed"]
     rest = train(_cfg(out=str(tmp_path / "part"), resume=True, **kw))
     assert rest["completed"] and len(rest["history"]) == 3
-    assert _strip(rest["history"]) == _strip(full["history"])
+    assert strip_times(rest["history"]) == strip_times(full["history"])
     lines = (tmp_path / "part" / "metrics.jsonl").read_text().splitlines()
-    assert _strip([json.loads(x) for x in lines]) == _strip(full["history"])
+    assert strip_times([json.loads(x) for x in lines]) == strip_times(full["history"])
     csv_rows = (tmp_path / "part" / "metrics.csv").read_text().splitlines()
     assert len(csv_rows) == 4 and csv_rows[0].startswith("epoch,step,lr")
     a = load_checkpoint(tmp_path / "full" / "checkpoint.pt")["model"]
@@ -115,7 +111,7 @@ def test_resume_of_finished_run_and_mismatch(tmp_path):
     out = str(tmp_path / "r")
     s = train(_cfg(out=out, epochs=1))
     again = train(_cfg(out=out, epochs=1, resume=True))
-    assert _strip(again["history"]) == _strip(s["history"])
+    assert strip_times(again["history"]) == strip_times(s["history"])
     with pytest.raises(ConfigError, match="lr: checkpoint 0.1 vs now 0.2"):
         train(_cfg(out=out, epochs=1, lr=0.2, resume=True))
 
