@@ -74,6 +74,7 @@ from studies import (  # noqa: E402
 )
 
 from kernelgeo.train import TrainConfig  # noqa: E402
+from kernelgeo.training.plateau import relative_change  # noqa: E402
 
 STUDY = "converged"
 BASELINE = "euclidean"
@@ -120,11 +121,9 @@ def build_runs(args) -> list[Run]:
 
 
 def plateau(history: list[dict], window: int = 3) -> float:
-    """Relative change of the training loss over the last ``window`` epochs (nan if fewer)."""
-    if len(history) <= window:
-        return math.nan
-    a, b = history[-1 - window]["train_loss"], history[-1]["train_loss"]
-    return abs(b - a) / abs(a) if a else math.inf
+    """Relative change of the training loss over the last ``window`` epochs (nan if fewer):
+    the criterion of the plateau schedule, :func:`kernelgeo.training.plateau.relative_change`."""
+    return relative_change([h["train_loss"] for h in history], window)
 
 
 def paired(rows, variants, key="final_test_error") -> list[dict]:
